@@ -1,0 +1,317 @@
+"""Shared pieces of the experiment configs, and the check every config passes before use.
+
+Config files under `configs/` call these helpers rather than copying blocks between them
+(big_vision's convention): `configs/pretrain.py:tiny` is `pretrain_config("tiny")`.
+The keys documented in DESIGN.md are the public surface: sweeps and users set them by name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import pathlib
+
+import ml_collections
+
+# (num_layers, hidden_size, num_heads); intermediate = 4 * hidden. The published BERT miniatures
+# (Turc et al., 2019) and the two sizes of the BERT paper.
+SIZES = {
+    "tiny": (2, 128, 2),
+    "mini": (4, 256, 4),
+    "small": (4, 512, 8),
+    "medium": (8, 512, 8),
+    "base": (12, 768, 12),
+    "large": (24, 1024, 16),
+}
+
+POSITION_EMBEDDINGS = ("learned", "sinusoidal")
+LAYER_NORMS = ("post", "pre")
+DTYPES = ("float32", "bfloat16")
+SENTENCE_OBJECTIVES = ("nsp", "sop", "none")
+OPTIMIZERS = ("adamw", "lamb")
+SCHEDULES = ("linear", "polynomial", "cosine", "constant")
+ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "auto")
+REGIMES = ("full", "freeze_bottom", "features")
+FEATURES = ("last", "sum_last4", "concat_last4", "scalar_mix")
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+DEFAULT_PRETRAIN_CONFIG = f"{REPO_ROOT / 'configs' / 'pretrain.py'}:tiny"
+
+
+class ConfigError(ValueError):
+    """A config value that cannot be used; the message names the key and the value."""
+
+
+def model_config(size: str = "tiny") -> ml_collections.ConfigDict:
+    if size not in SIZES:
+        raise ConfigError(f"unknown model size {size!r}; choose one of {sorted(SIZES)}")
+    num_layers, hidden_size, num_heads = SIZES[size]
+    return ml_collections.ConfigDict(
+        dict(
+            size=size,
+            num_layers=num_layers,
+            hidden_size=hidden_size,
+            num_heads=num_heads,
+            intermediate_size=4 * hidden_size,
+            vocab_size=8192,
+            type_vocab_size=2,
+            max_position_embeddings=512,
+            position_embedding="learned",
+            layer_norm="post",
+            layer_norm_eps=1e-12,
+            dtype="float32",
+            hidden_dropout=0.1,
+            attention_dropout=0.1,
+            attention_implementation="xla",
+            initializer_range=0.02,
+        )
+    )
+
+
+def data_config() -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(
+        dict(
+            # A path, a glob, 'tfds:NAME' or 'python-docs' (the docstrings of the installed Python
+            # standard library and packages: a corpus every machine has without a download).
+            corpus="python-docs",
+            # 'auto' | 'sentences' (one sentence a line, blank line between documents) | 'documents'
+            # (one document a line) | 'paragraphs' (blank-line separated paragraphs, hard-wrapped).
+            corpus_format="auto",
+            tfds_text_key="text",
+            # Held-out documents for evaluation, as a fraction of the corpus (a separate path also works).
+            eval_corpus="",
+            eval_fraction=0.02,
+            # A sentencepiece model file, a WordPiece vocab.txt, or '' to train one on the corpus.
+            tokenizer="",
+            tokenizer_type="unigram",
+            data_dir="",  # '' = $BERTJAX_DATA_DIR or ~/.cache/bertjax
+            max_seq_length=128,
+            short_seq_prob=0.1,
+            sentence_objective="nsp",
+            max_predictions=20,
+            seed=0,
+            num_workers=0,
+            prefetch=2,
+            masking=dict(
+                rate=0.15,
+                mask=0.8,
+                random=0.1,
+                keep=0.1,
+                whole_word=False,
+                span=False,
+                span_mean=3.0,
+                span_max=10,
+                eval_rate=0.15,
+            ),
+        )
+    )
+
+
+def optim_config() -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(
+        dict(
+            name="adamw",
+            lr=1e-3,
+            schedule="linear",
+            warmup_steps=100,
+            end_lr_fraction=0.0,
+            power=1.0,
+            weight_decay=0.01,
+            b1=0.9,
+            b2=0.999,
+            eps=1e-6,
+            grad_clip=1.0,
+            layerwise_lr_decay=1.0,
+        )
+    )
+
+
+def mesh_config() -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(
+        dict(
+            data=-1,  # -1: the devices the other axes leave
+            fsdp=1,
+            tensor=1,
+            rules="default",  # a name in bertjax.train.partitioning.RULES
+            distributed=False,  # call jax.distributed.initialize() (also when the environment says so)
+        )
+    )
+
+
+def checkpoint_config() -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(
+        dict(
+            every=500,  # the rolling checkpoint, for resuming
+            keep=2,  # how many rolling checkpoints to keep
+            # The kept schedule for embryology studies, never deleted: explicit steps, every K steps,
+            # and/or N log-spaced steps (dense early).
+            keep_steps=(),
+            keep_every=0,
+            keep_log=0,
+            async_save=True,
+        )
+    )
+
+
+def pretrain_config(size: str = "tiny") -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.model = model_config(size)
+    config.data = data_config()
+    config.train = ml_collections.ConfigDict(
+        dict(
+            batch_size=32,
+            total_steps=600,
+            seed=0,  # parameter initialisation
+            dropout_seed=0,
+            eval_every=200,
+            eval_batches=8,
+            log_every=20,
+            grad_accum_steps=1,
+            inject_nan_at_step=-1,  # for fault tests: make the loss NaN at this step
+            progress=True,
+        )
+    )
+    config.optim = optim_config()
+    config.mesh = mesh_config()
+    config.checkpoint = checkpoint_config()
+    config.init_from = ""
+    if size in ("base", "large"):
+        config.train.batch_size = 256
+        config.train.total_steps = 1_000_000
+        config.optim.lr = 1e-4
+        config.optim.warmup_steps = 10_000
+        config.model.vocab_size = 30522
+        config.model.dtype = "bfloat16"
+    return config
+
+
+def _check(condition: bool, key: str, value, why: str) -> None:
+    if not condition:
+        raise ConfigError(f"config.{key}={value!r}: {why}")
+
+
+def _positive(config, *keys: str) -> None:
+    for key in keys:
+        value = config
+        for part in key.split("."):
+            value = value[part]
+        _check(isinstance(value, (int, float)) and value > 0, key, value, "must be positive")
+
+
+def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Raise ConfigError naming the key and value of the first unusable setting; return the config."""
+    if "model" in config:
+        m = config.model
+        _positive(
+            config,
+            "model.num_layers",
+            "model.hidden_size",
+            "model.num_heads",
+            "model.intermediate_size",
+            "model.vocab_size",
+            "model.type_vocab_size",
+            "model.max_position_embeddings",
+        )
+        _check(
+            m.hidden_size % m.num_heads == 0,
+            "model.hidden_size",
+            m.hidden_size,
+            f"must be divisible by model.num_heads={m.num_heads}",
+        )
+        _check(m.position_embedding in POSITION_EMBEDDINGS, "model.position_embedding", m.position_embedding, f"choose one of {POSITION_EMBEDDINGS}")
+        _check(m.layer_norm in LAYER_NORMS, "model.layer_norm", m.layer_norm, f"choose one of {LAYER_NORMS}")
+        _check(m.dtype in DTYPES, "model.dtype", m.dtype, f"choose one of {DTYPES}")
+        _check(
+            m.attention_implementation in ATTENTION_IMPLEMENTATIONS,
+            "model.attention_implementation",
+            m.attention_implementation,
+            f"choose one of {ATTENTION_IMPLEMENTATIONS}",
+        )
+        for key in ("hidden_dropout", "attention_dropout"):
+            _check(0.0 <= m[key] < 1.0, f"model.{key}", m[key], "must be in [0, 1)")
+    if "data" in config and "masking" in config.data:
+        d = config.data
+        _positive(config, "data.max_seq_length", "data.max_predictions")
+        if "model" in config:
+            _check(
+                d.max_seq_length <= config.model.max_position_embeddings,
+                "data.max_seq_length",
+                d.max_seq_length,
+                f"exceeds model.max_position_embeddings={config.model.max_position_embeddings}",
+            )
+        _check(d.sentence_objective in SENTENCE_OBJECTIVES, "data.sentence_objective", d.sentence_objective, f"choose one of {SENTENCE_OBJECTIVES}")
+        _check(
+            d.max_predictions <= d.max_seq_length,
+            "data.max_predictions",
+            d.max_predictions,
+            f"larger than data.max_seq_length={d.max_seq_length}",
+        )
+        mk = d.masking
+        _check(0.0 < mk.rate < 1.0, "data.masking.rate", mk.rate, "must be in (0, 1)")
+        for key in ("mask", "random", "keep"):
+            _check(0.0 <= mk[key] <= 1.0, f"data.masking.{key}", mk[key], "must be in [0, 1]")
+        total = mk.mask + mk.random + mk.keep
+        _check(
+            abs(total - 1.0) < 1e-6,
+            "data.masking",
+            f"mask={mk.mask}, random={mk.random}, keep={mk.keep}",
+            f"mask + random + keep must sum to 1 (they sum to {total:g})",
+        )
+        _check(mk.span_mean >= 1.0, "data.masking.span_mean", mk.span_mean, "must be at least 1")
+        _check(mk.span_max >= 1, "data.masking.span_max", mk.span_max, "must be at least 1")
+    if "train" in config:
+        _positive(config, "train.batch_size", "train.total_steps")
+        if "grad_accum_steps" in config.train:
+            _positive(config, "train.grad_accum_steps")
+            _check(
+                config.train.batch_size % config.train.grad_accum_steps == 0,
+                "train.grad_accum_steps",
+                config.train.grad_accum_steps,
+                f"must divide train.batch_size={config.train.batch_size}",
+            )
+    if "optim" in config:
+        o = config.optim
+        _check(o.name in OPTIMIZERS, "optim.name", o.name, f"choose one of {OPTIMIZERS}")
+        _check(o.schedule in SCHEDULES, "optim.schedule", o.schedule, f"choose one of {SCHEDULES}")
+        _positive(config, "optim.lr")
+        _check(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, "must be non-negative")
+    if "mesh" in config:
+        for axis in ("data", "fsdp", "tensor"):
+            value = config.mesh[axis]
+            _check(value == -1 or value >= 1, f"mesh.{axis}", value, "must be -1 (the rest) or at least 1")
+    if "finetune" in config:
+        f = config.finetune
+        _check(f.regime in REGIMES, "finetune.regime", f.regime, f"choose one of {REGIMES}")
+        _check(f.features in FEATURES, "finetune.features", f.features, f"choose one of {FEATURES}")
+        if "model" in config:
+            _check(
+                0 <= f.freeze_layers <= config.model.num_layers,
+                "finetune.freeze_layers",
+                f.freeze_layers,
+                f"must be between 0 and model.num_layers={config.model.num_layers}",
+            )
+    return config
+
+
+def load(spec: str) -> ml_collections.ConfigDict:
+    """Load `path/to/file.py[:arg]` by calling its get_config(arg); relative paths may be repo-relative."""
+    path, _, arg = spec.partition(":")
+    file = pathlib.Path(path)
+    if not file.exists() and not file.is_absolute() and (REPO_ROOT / file).exists():
+        file = REPO_ROOT / file
+    if not file.exists():
+        raise ConfigError(f"config file {path!r} does not exist")
+    module_spec = importlib.util.spec_from_file_location(f"_bertjax_config_{file.stem}", file)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    config = module.get_config(arg) if arg else module.get_config()
+    return config
+
+
+def to_json(config: ml_collections.ConfigDict) -> str:
+    return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str)
+
+
+def config_hash(config: ml_collections.ConfigDict) -> str:
+    return hashlib.sha256(to_json(config).encode()).hexdigest()[:16]
