@@ -205,7 +205,7 @@ def sweep(argv):
     argv = ["--print_commands" if a == "--print-commands" else a for a in argv]
     config, flag_values, overrides = _parse_config_flags("sweep", argv, None, define, SWEEP_DOC)
     config_spec = next(a.split("=", 1)[1] if "=" in a else argv[i + 1] for i, a in enumerate(argv) if a == "--config" or a.startswith("--config="))
-    sweep_lib.run(config_spec, _require_workdir("sweep", flag_values), overrides, print_commands=flag_values.print_commands)
+    sweep_lib.run(config_spec, config, _require_workdir("sweep", flag_values), overrides, print_commands=flag_values.print_commands)
 
 
 def plot(argv):

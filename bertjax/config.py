@@ -294,9 +294,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     return config
 
 
-def load(spec: str) -> ml_collections.ConfigDict:
-    """Load `path/to/file.py[:arg]` by calling its get_config(arg); relative paths may be repo-relative."""
-    path, _, arg = spec.partition(":")
+def load_module(path: str):
+    """Import a config file; a relative path is tried from the working directory, then the repo root."""
     file = pathlib.Path(path)
     if not file.exists() and not file.is_absolute() and (REPO_ROOT / file).exists():
         file = REPO_ROOT / file
@@ -305,8 +304,14 @@ def load(spec: str) -> ml_collections.ConfigDict:
     module_spec = importlib.util.spec_from_file_location(f"_bertjax_config_{file.stem}", file)
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
-    config = module.get_config(arg) if arg else module.get_config()
-    return config
+    return module
+
+
+def load(spec: str) -> ml_collections.ConfigDict:
+    """Load `path/to/file.py[:arg]` by calling its get_config(arg)."""
+    path, _, arg = spec.partition(":")
+    module = load_module(path)
+    return module.get_config(arg) if arg else module.get_config()
 
 
 def to_json(config: ml_collections.ConfigDict) -> str:
@@ -315,3 +320,33 @@ def to_json(config: ml_collections.ConfigDict) -> str:
 
 def config_hash(config: ml_collections.ConfigDict) -> str:
     return hashlib.sha256(to_json(config).encode()).hexdigest()[:16]
+
+
+def shared_data_path(*parts: str) -> str:
+    """A path under the real data sets: $BERTJAX_SHARED_DATA, else ../shared/data (from the working directory)."""
+    import os
+
+    return str(pathlib.Path(os.environ.get("BERTJAX_SHARED_DATA", "../shared/data"), *parts))
+
+
+def ablation_config(size: str = "tiny") -> ml_collections.ConfigDict:
+    """The pretraining config every arm of a shipped ablation starts from, plus its `sweep` section.
+
+    Real English text (the Gutenberg novels and WikiText-2 under ../shared/data/corpus), a model small
+    enough for a CPU, the same data seed for every arm; then fine-tuning on SST-2.
+    `sweep.task` is the fine-tuning config each arm runs after pretraining ('' = none) and
+    `sweep.finetune` the overrides it gets (override them as --config.sweep.finetune.KEY=VALUE).
+    """
+    config = pretrain_config(size)
+    config.data.corpus = shared_data_path("corpus", "*.txt")
+    config.train.total_steps = 1500
+    config.train.eval_every = 250
+    config.checkpoint.every = 500
+    config.optim.warmup_steps = 100
+    config.sweep = ml_collections.ConfigDict(
+        dict(
+            task="configs/finetune.py:sst2",
+            finetune=dict(train=dict(total_steps=400)),
+        )
+    )
+    return config

@@ -1,0 +1,399 @@
+"""Ablation sweeps: a config file names the arms, one command runs (or resumes) them, a table answers.
+
+A sweep file under `configs/ablations/` has the usual `get_config()` (the pretraining config every arm
+starts from, plus a `sweep` section naming the downstream task) and a `get_sweep()` returning a list of
+`Arm`s built with the helpers below:
+
+    def get_sweep():
+        objectives = [Arm(o, {"data.sentence_objective": o}) for o in ("none", "nsp", "sop")]
+        return product(objectives, seeds(3))
+
+Every arm runs as two ordinary CLI commands, `bertjax pretrain` then `bertjax finetune`, each in its own
+workdir under the sweep's workdir (so `--print-commands` hands exactly those to a cluster scheduler, and
+an arm can be resumed or inspected like any run). Overrides given to `bertjax sweep` apply to every arm;
+an arm's own overrides replace them for the keys the arm names.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import itertools
+import json
+import logging
+import math
+import pathlib
+import shlex
+import statistics
+import subprocess
+import sys
+from typing import Callable, Iterable, Sequence
+
+from bertjax import config as config_lib
+
+log = logging.getLogger(__name__)
+
+FINETUNE_PREFIX = "sweep.finetune."
+SEED_KEYS = ("train.seed", "train.dropout_seed")
+PRETRAIN_DONE = "pretrain.done"
+
+
+@dataclasses.dataclass(frozen=True)
+class Arm:
+    """One run of a sweep: a short name and the config overrides (dotted keys) that define it.
+
+    `group` is the name results are aggregated under: arms that differ only in seed share a group.
+    Keys under `sweep.finetune.` apply to the downstream fine-tuning run, all others to pretraining.
+    """
+
+    name: str
+    overrides: dict
+    group: str = ""
+
+    def __post_init__(self):
+        if not self.name or "/" in self.name or self.name.startswith("."):
+            raise ValueError(f"arm name {self.name!r} must be a non-empty directory name")
+        if not self.group:
+            object.__setattr__(self, "group", self.name)
+
+
+def seeds(count_or_list: int | Sequence[int], keys: Sequence[str] = SEED_KEYS) -> list[Arm]:
+    """Arms that vary the initialisation and dropout seeds only (the data seed stays: same data order)."""
+    values = range(count_or_list) if isinstance(count_or_list, int) else count_or_list
+    return [Arm(f"seed{s}", {key: s for key in keys}, group="") for s in values]
+
+
+def _is_seed_arm(arm: Arm) -> bool:
+    return arm.name.startswith("seed") and set(arm.overrides) <= set(SEED_KEYS)
+
+
+def _combine(arms: Sequence[Arm]) -> Arm:
+    overrides = {}
+    for arm in arms:
+        clash = set(overrides) & set(arm.overrides)
+        if clash:
+            raise ValueError(f"arms {[a.name for a in arms]} set the same keys {sorted(clash)}")
+        overrides.update(arm.overrides)
+    group = "-".join(a.name for a in arms if not _is_seed_arm(a)) or "all"
+    return Arm("-".join(a.name for a in arms), overrides, group=group)
+
+
+def product(*axes: Sequence[Arm]) -> list[Arm]:
+    """Every combination of one arm from each axis (e.g. objectives x seeds)."""
+    return [_combine(combo) for combo in itertools.product(*axes)]
+
+
+def zip_arms(*axes: Sequence[Arm]) -> list[Arm]:
+    """The i-th arms of all axes together (the axes must be equally long)."""
+    lengths = {len(axis) for axis in axes}
+    if len(lengths) != 1:
+        raise ValueError(f"zip_arms needs axes of one length, got {sorted(lengths)}")
+    return [_combine(combo) for combo in zip(*axes)]
+
+
+def _check_unique(arms: Sequence[Arm]) -> None:
+    names = [arm.name for arm in arms]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ValueError(f"arm names must be unique; repeated: {duplicates}")
+
+
+# ---------------------------------------------------------------------------------------------- commands
+
+
+def _format_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return "(" + ",".join(_format_value(v) for v in value) + ("," if len(value) == 1 else "") + ")"
+    return str(value)
+
+
+def _override_flags(overrides: dict) -> list[str]:
+    return [f"--config.{key}={_format_value(value)}" for key, value in overrides.items()]
+
+
+def _flag_key(flag: str) -> str:
+    return flag.split("=", 1)[0][len("--config.") :]
+
+
+def _flatten(config_dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in config_dict.items():
+        if hasattr(value, "items"):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+@dataclasses.dataclass
+class ArmPlan:
+    arm: Arm
+    workdir: pathlib.Path
+    pretrain: list[str]
+    finetune: list[str] | None
+
+    @property
+    def pretrain_dir(self) -> pathlib.Path:
+        return self.workdir / "pretrain"
+
+    @property
+    def finetune_dir(self) -> pathlib.Path:
+        return self.workdir / "finetune"
+
+
+def plan(config_spec: str, config, workdir: str | pathlib.Path, user_overrides: Sequence[str], arms: Sequence[Arm]) -> list[ArmPlan]:
+    """The two commands of every arm: pretraining, then fine-tuning from the arm's pretrained weights."""
+    _check_unique(arms)
+    workdir = pathlib.Path(workdir)
+    python = [sys.executable, "-m", "bertjax"]
+    user_pretrain = [f for f in user_overrides if not _flag_key(f).startswith("sweep.")]
+    finetune_base = {k: v for k, v in _flatten(config.sweep.finetune).items()}
+    plans = []
+    for arm in arms:
+        arm_dir = workdir / arm.name
+        pretrain_overrides = {k: v for k, v in arm.overrides.items() if not k.startswith(FINETUNE_PREFIX)}
+        finetune_overrides = dict(finetune_base)
+        finetune_overrides.update({k[len(FINETUNE_PREFIX) :]: v for k, v in arm.overrides.items() if k.startswith(FINETUNE_PREFIX)})
+        pretrain = python + ["pretrain", "--config", config_spec, "--workdir", str(arm_dir / "pretrain")]
+        pretrain += [f for f in user_pretrain if _flag_key(f) not in pretrain_overrides]
+        pretrain += _override_flags(pretrain_overrides)
+        finetune = None
+        if config.sweep.task:
+            finetune = python + ["finetune", "--config", config.sweep.task, "--workdir", str(arm_dir / "finetune")]
+            finetune += [f"--config.init_from={arm_dir / 'pretrain'}"]
+            finetune += _override_flags(finetune_overrides)
+        plans.append(ArmPlan(arm, arm_dir, pretrain, finetune))
+    return plans
+
+
+def _load_sweep(config_spec: str) -> list[Arm]:
+    path = config_spec.partition(":")[0]
+    module = config_lib.load_module(path)
+    if not hasattr(module, "get_sweep"):
+        raise config_lib.ConfigError(f"{path} defines no get_sweep(): it is not a sweep config")
+    return list(module.get_sweep())
+
+
+def _run_command(command: list[str], log_path: pathlib.Path) -> int:
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "a", encoding="utf-8") as log_file:
+        log_file.write("$ " + shlex.join(command) + "\n")
+        log_file.flush()
+        return subprocess.call(command, stdout=log_file, stderr=subprocess.STDOUT)
+
+
+def run(
+    config_spec: str,
+    config,
+    workdir: str,
+    user_overrides: Sequence[str] = (),
+    print_commands: bool = False,
+    runner: Callable[[list[str], pathlib.Path], int] = _run_command,
+) -> list[dict]:
+    """Run (or resume) every arm one after another; a failed arm is reported and the others go on."""
+    arms = _load_sweep(config_spec)
+    plans = plan(config_spec, config, workdir, user_overrides, arms)
+    if print_commands:
+        for p in plans:
+            line = shlex.join(p.pretrain)
+            if p.finetune:
+                line += " && " + shlex.join(p.finetune)
+            print(line)
+        return []
+    root = pathlib.Path(workdir)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "sweep.json").write_text(
+        json.dumps(dict(config=config_spec, overrides=list(user_overrides), arms=[dataclasses.asdict(a) for a in arms]), indent=2)
+    )
+    statuses = []
+    for index, p in enumerate(plans, 1):
+        status = dict(arm=p.arm.name, pretrain="done", finetune="skipped" if p.finetune is None else "done")
+        log.info("arm %d/%d: %s", index, len(plans), p.arm.name)
+        p.workdir.mkdir(parents=True, exist_ok=True)
+        (p.workdir / "arm.json").write_text(json.dumps(dataclasses.asdict(p.arm), indent=2))
+        if (p.workdir / PRETRAIN_DONE).exists():
+            log.info("  pretraining finished before: skipped")
+        else:
+            code = runner(p.pretrain, p.workdir / "pretrain.log")
+            if code != 0:
+                log.error("  pretraining failed (exit %d): see %s", code, p.workdir / "pretrain.log")
+                status.update(pretrain=f"failed ({code})", finetune="not run")
+                statuses.append(status)
+                continue
+            (p.workdir / PRETRAIN_DONE).touch()
+        if p.finetune is not None:
+            if (p.finetune_dir / "results.json").exists():
+                log.info("  fine-tuning finished before: skipped")
+            else:
+                code = runner(p.finetune, p.workdir / "finetune.log")
+                if code != 0:
+                    log.error("  fine-tuning failed (exit %d): see %s", code, p.workdir / "finetune.log")
+                    status.update(finetune=f"failed ({code})")
+        statuses.append(status)
+    failed = [s for s in statuses if "failed" in s["pretrain"] + s["finetune"]]
+    print(collect(workdir))
+    if failed:
+        log.error("%d of %d arms failed: %s", len(failed), len(statuses), ", ".join(s["arm"] for s in failed))
+    return statuses
+
+
+# --------------------------------------------------------------------------------------------- collect
+
+
+def read_metrics(run_dir: str | pathlib.Path) -> list[dict]:
+    path = pathlib.Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            line = line.strip()
+            if line:
+                rows.append(json.loads(line))
+    return rows
+
+
+PRETRAIN_COLUMNS = ("loss", "eval/mlm_loss", "eval/mlm_accuracy", "eval/nsp_accuracy", "eval/sop_accuracy")
+
+
+def _last_values(rows: Iterable[dict], keys: Sequence[str]) -> dict:
+    last = {}
+    for row in rows:
+        for key in keys:
+            value = row.get(key)
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                last[key] = float(value)
+    return last
+
+
+def _downstream(results_path: pathlib.Path) -> dict:
+    if not results_path.exists():
+        return {}
+    results = json.loads(results_path.read_text())
+    metrics = results.get("metrics", results)
+    values = {}
+    for name, value in metrics.items():
+        if isinstance(value, dict) and "mean" in value:
+            values[f"dev/{name}"] = float(value["mean"])
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            values[f"dev/{name}"] = float(value)
+    return values
+
+
+def _arm_dirs(workdir: pathlib.Path) -> list[pathlib.Path]:
+    return sorted(p.parent for p in workdir.glob("*/arm.json"))
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def collect(workdir: str | pathlib.Path) -> str:
+    """Write results.csv, results.md and plots for every arm under `workdir`; return the table."""
+    workdir = pathlib.Path(workdir)
+    arm_dirs = _arm_dirs(workdir)
+    if not arm_dirs:
+        raise FileNotFoundError(f"no arms under {workdir} (each arm directory holds an arm.json)")
+    groups: dict[str, list[dict]] = {}
+    order = []
+    for arm_dir in arm_dirs:
+        arm = json.loads((arm_dir / "arm.json").read_text())
+        values = _last_values(read_metrics(arm_dir / "pretrain"), PRETRAIN_COLUMNS)
+        values.update(_downstream(arm_dir / "finetune" / "results.json"))
+        values["finished"] = float((arm_dir / PRETRAIN_DONE).exists())
+        if arm["group"] not in groups:
+            order.append(arm["group"])
+        groups.setdefault(arm["group"], []).append(values)
+    columns = [c for c in PRETRAIN_COLUMNS if any(c in v for g in groups.values() for v in g)]
+    columns += sorted({k for g in groups.values() for v in g for k in v if k.startswith("dev/")})
+    rows = []
+    for group in order:
+        runs = groups[group]
+        row = dict(arm=group, runs=len(runs), finished=int(sum(v["finished"] for v in runs)))
+        for column in columns:
+            present = [v[column] for v in runs if column in v]
+            if present:
+                row[column], row[column + " std"] = _mean_std(present)
+        rows.append(row)
+    header = ["arm", "runs", "finished"] + [c for column in columns for c in (column, column + " std")]
+    with open(workdir / "results.csv", "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=header)
+        writer.writeheader()
+        writer.writerows(rows)
+    table = ["| arm | runs | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
+    for row in rows:
+        cells = [f"{row[c]:.4f} ± {row[c + ' std']:.4f}" if c in row else "–" for c in columns]
+        table.append(f"| {row['arm']} | {row['finished']}/{row['runs']} | " + " | ".join(cells) + " |")
+    markdown = "\n".join(table) + "\n"
+    (workdir / "results.md").write_text(markdown)
+    _plot_sweep(workdir, arm_dirs, rows, columns)
+    return markdown
+
+
+# ------------------------------------------------------------------------------------------------ plots
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _curve(rows: Sequence[dict], key: str) -> tuple[list[int], list[float]]:
+    points = [(r["step"], r[key]) for r in rows if key in r and "step" in r]
+    return [p[0] for p in points], [p[1] for p in points]
+
+
+def _plot_sweep(workdir: pathlib.Path, arm_dirs: Sequence[pathlib.Path], rows: Sequence[dict], columns: Sequence[str]) -> None:
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    for arm_dir in arm_dirs:
+        steps, losses = _curve(read_metrics(arm_dir / "pretrain"), "loss")
+        if steps:
+            axis.plot(steps, losses, label=arm_dir.name, linewidth=1)
+    axis.set(xlabel="step", ylabel="training loss", title=f"pretraining loss: {workdir.name}")
+    if axis.lines:
+        axis.legend(fontsize="small")
+    figure.tight_layout()
+    figure.savefig(workdir / "loss_curves.png", dpi=120)
+    plt.close(figure)
+    downstream = [c for c in columns if c.startswith("dev/")] or [c for c in columns if c.startswith("eval/")]
+    if not downstream:
+        return
+    metric = downstream[0]
+    present = [r for r in rows if metric in r]
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    axis.bar([r["arm"] for r in present], [r[metric] for r in present], yerr=[r[metric + " std"] for r in present], capsize=4)
+    axis.set(ylabel=metric, title=f"{metric} per arm (mean ± std over seeds)")
+    figure.tight_layout()
+    figure.savefig(workdir / "downstream.png", dpi=120)
+    plt.close(figure)
+
+
+def plot_run(workdir: str | pathlib.Path) -> str:
+    """Draw every logged metric of one run (metrics.jsonl) against the step; return the PNG's path."""
+    workdir = pathlib.Path(workdir)
+    rows = read_metrics(workdir)
+    if not rows:
+        raise FileNotFoundError(f"{workdir / 'metrics.jsonl'} is missing or empty")
+    keys = sorted({k for r in rows for k, v in r.items() if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)})
+    plt = _pyplot()
+    columns = 3
+    lines = math.ceil(len(keys) / columns)
+    figure, axes = plt.subplots(lines, columns, figsize=(4 * columns, 3 * lines), squeeze=False)
+    for axis, key in zip(axes.flat, keys):
+        steps, values = _curve(rows, key)
+        axis.plot(steps, values, marker="." if len(steps) < 30 else None)
+        axis.set(title=key, xlabel="step")
+    for axis in list(axes.flat)[len(keys) :]:
+        axis.axis("off")
+    figure.tight_layout()
+    out = workdir / "curves.png"
+    figure.savefig(out, dpi=100)
+    plt.close(figure)
+    return str(out)

@@ -1,0 +1,20 @@
+"""What does the masking rate do? 10% / 15% (BERT) / 20% / 30% / 40% (Wettig et al. 2023).
+
+  bertjax sweep --config configs/ablations/masking_rate.py --workdir runs/masking_rate
+
+All arms see the same data order (one data seed) and are evaluated with the same fixed 15% eval
+masking, so eval/mlm_accuracy is comparable across arms; then each is fine-tuned on SST-2.
+Measured here: experiments/masking_rate/README.md.
+"""
+
+from bertjax import config as config_lib
+from bertjax.sweep import Arm, product, seeds
+
+
+def get_config():
+    return config_lib.ablation_config("tiny")
+
+
+def get_sweep():
+    rates = [Arm(f"rate{round(rate * 100)}", {"data.masking.rate": rate}) for rate in (0.10, 0.15, 0.20, 0.30, 0.40)]
+    return product(rates, seeds(1))

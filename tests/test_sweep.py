@@ -1,0 +1,148 @@
+"""Sweeps: arm expansion, override precedence, skip/resume, failure isolation, collection and plots."""
+
+import json
+import pathlib
+
+import pytest
+
+from bertjax import config as config_lib
+from bertjax import sweep
+from bertjax.sweep import Arm
+
+SWEEP_FILE = '''
+from bertjax import config as config_lib
+from bertjax.sweep import Arm, product, seeds
+
+
+def get_config():
+    config = config_lib.ablation_config("tiny")
+    config.sweep.task = "{task}"
+    return config
+
+
+def get_sweep():
+    return product([Arm("nsp", {{"data.sentence_objective": "nsp"}}), Arm("sop", {{"data.sentence_objective": "sop"}})], seeds(2))
+'''
+
+
+def write_sweep(tmp_path, task="configs/finetune.py:sst2"):
+    path = tmp_path / "two_arms.py"
+    path.write_text(SWEEP_FILE.format(task=task))
+    return str(path)
+
+
+def test_product_names_groups_and_merges_overrides():
+    arms = sweep.product([Arm("a", {"x": 1}), Arm("b", {"x": 2})], sweep.seeds([3, 4]))
+    assert [a.name for a in arms] == ["a-seed3", "a-seed4", "b-seed3", "b-seed4"]
+    assert [a.group for a in arms] == ["a", "a", "b", "b"]
+    assert arms[1].overrides == {"x": 1, "train.seed": 4, "train.dropout_seed": 4}
+
+
+def test_zip_pairs_axes_and_rejects_unequal_lengths():
+    arms = sweep.zip_arms([Arm("lr1", {"optim.lr": 1e-3}), Arm("lr2", {"optim.lr": 1e-4})], [Arm("w1", {"optim.warmup_steps": 10}), Arm("w2", {"optim.warmup_steps": 20})])
+    assert [a.name for a in arms] == ["lr1-w1", "lr2-w2"]
+    assert arms[1].overrides == {"optim.lr": 1e-4, "optim.warmup_steps": 20}
+    with pytest.raises(ValueError, match="one length"):
+        sweep.zip_arms([Arm("a", {})], [Arm("b", {}), Arm("c", {})])
+
+
+def test_combining_arms_that_set_the_same_key_is_an_error():
+    with pytest.raises(ValueError, match="same keys"):
+        sweep.product([Arm("a", {"x": 1})], [Arm("b", {"x": 2})])
+
+
+def test_shipped_sweeps_expand_to_valid_configs():
+    for path in sorted((config_lib.REPO_ROOT / "configs" / "ablations").glob("*.py")):
+        module = config_lib.load_module(str(path))
+        arms = module.get_sweep()
+        assert len(arms) >= 2, path
+        for arm in arms:
+            config = module.get_config()
+            for key, value in arm.overrides.items():
+                parent = config
+                *parents, leaf = key.split(".")
+                for part in parents:
+                    parent = parent[part]
+                assert leaf in parent, f"{path.name}: arm {arm.name} sets unknown key {key}"
+                parent[leaf] = value
+            config_lib.validate(config)
+
+
+def test_plan_user_overrides_apply_to_all_arms_but_arm_keys_win(tmp_path):
+    spec = write_sweep(tmp_path)
+    config = config_lib.load(spec)
+    arms = sweep._load_sweep(spec)
+    plans = sweep.plan(spec, config, tmp_path / "runs", ["--config.train.total_steps=7", "--config.data.sentence_objective=none"], arms)
+    assert len(plans) == 4
+    for p in plans:
+        assert "--config.train.total_steps=7" in p.pretrain
+        assert "--config.data.sentence_objective=none" not in p.pretrain
+        assert f"--config.data.sentence_objective={p.arm.name.split('-')[0]}" in p.pretrain
+        assert p.finetune[p.finetune.index("--config") + 1] == "configs/finetune.py:sst2"
+        assert f"--config.init_from={p.workdir / 'pretrain'}" in p.finetune
+        assert "--config.train.total_steps=400" in p.finetune
+
+
+def fake_finished_run(run_dir: pathlib.Path, losses, extra=None, results=None):
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / "metrics.jsonl", "w") as f:
+        for step, loss in enumerate(losses, 1):
+            f.write(json.dumps(dict(step=step * 10, loss=loss, **(extra or {}))) + "\n")
+    if results is not None:
+        (run_dir / "results.json").write_text(json.dumps(results))
+
+
+def test_run_skips_finished_arms_resumes_unfinished_and_survives_a_failure(tmp_path, capsys):
+    spec = write_sweep(tmp_path)
+    config = config_lib.load(spec)
+    calls = []
+
+    def runner(command, log_path):
+        workdir = pathlib.Path(command[command.index("--workdir") + 1])
+        calls.append((command[3], workdir.parent.name))
+        if workdir.parent.name == "sop-seed1" and command[3] == "pretrain":
+            return 3
+        if command[3] == "pretrain":
+            fake_finished_run(workdir, [5.0, 4.0], {"eval/nsp_accuracy": 0.7, "eval/sop_accuracy": 0.5})
+        else:
+            fake_finished_run(workdir, [0.7], results={"task": "sst2", "metrics": {"accuracy": {"mean": 0.8, "std": 0.0}}})
+        return 0
+
+    statuses = sweep.run(spec, config, str(tmp_path / "runs"), [], runner=runner)
+    assert [s["arm"] for s in statuses] == ["nsp-seed0", "nsp-seed1", "sop-seed0", "sop-seed1"]
+    assert statuses[3]["pretrain"] == "failed (3)" and statuses[3]["finetune"] == "not run"
+    assert all(s["pretrain"] == s["finetune"] == "done" for s in statuses[:3])
+    assert len(calls) == 7
+
+    calls.clear()
+    sweep.run(spec, config, str(tmp_path / "runs"), [], runner=runner)
+    assert calls == [("pretrain", "sop-seed1")], "finished arms must be skipped, the failed one retried"
+
+    calls.clear()
+    (tmp_path / "runs" / "nsp-seed0" / "finetune" / "results.json").unlink()
+    sweep.run(spec, config, str(tmp_path / "runs"), [], runner=runner)
+    assert ("finetune", "nsp-seed0") in calls and ("pretrain", "nsp-seed0") not in calls
+
+
+def test_collect_aggregates_seeds_and_draws_plots(tmp_path):
+    root = tmp_path / "runs"
+    for name, group, loss, accuracy in [("a-seed0", "a", 3.0, 0.6), ("a-seed1", "a", 5.0, 0.8), ("b-seed0", "b", 4.0, 0.5)]:
+        arm_dir = root / name
+        fake_finished_run(arm_dir / "pretrain", [6.0, loss], {"eval/mlm_accuracy": accuracy / 2})
+        fake_finished_run(arm_dir / "finetune", [0.5], results={"metrics": {"accuracy": {"mean": accuracy, "std": 0.0}}})
+        (arm_dir / "arm.json").write_text(json.dumps(dict(name=name, group=group, overrides={})))
+        (arm_dir / sweep.PRETRAIN_DONE).touch()
+    table = sweep.collect(root)
+    assert "| a | 2/2 | 4.0000 ± 1.4142 |" in table
+    rows = (root / "results.csv").read_text().splitlines()
+    assert rows[0].startswith("arm,runs,finished,loss,loss std")
+    assert rows[1].startswith("a,2,2,4.0,1.414")
+    assert "dev/accuracy" in rows[0]
+    for png in ("loss_curves.png", "downstream.png"):
+        assert (root / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sweep.plot_run(root / "a-seed0" / "pretrain").endswith("curves.png")
+
+
+def test_collect_without_arms_says_so(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no arms"):
+        sweep.collect(tmp_path)
