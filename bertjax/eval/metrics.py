@@ -1,0 +1,158 @@
+"""The dev-set metrics the field reports for BERT fine-tuning, in numpy.
+
+accuracy (SST-2, MNLI, QNLI, RTE, WNLI, POS tagging), binary F1 (MRPC, QQP), Matthews correlation
+(CoLA), Pearson and Spearman correlation (STS-B) and entity-level F1 for NER with seqeval's
+(conlleval's) chunking of IOB1/IOB2/IOBES tags. SQuAD's exact match and F1 live in `squad.py`.
+`compute(names, predictions, references)` is what the fine-tuning loop calls.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+
+def accuracy(predictions, references) -> float:
+    predictions, references = np.asarray(predictions), np.asarray(references)
+    if predictions.shape != references.shape:
+        raise ValueError(f"accuracy: {predictions.shape} predictions for {references.shape} references")
+    return float(np.mean(predictions == references)) if references.size else 0.0
+
+
+def f1(predictions, references, positive=1) -> float:
+    """Binary F1 of the `positive` class (GLUE's MRPC and QQP score class 1)."""
+    predictions, references = np.asarray(predictions), np.asarray(references)
+    true_positive = np.sum((predictions == positive) & (references == positive))
+    predicted, actual = np.sum(predictions == positive), np.sum(references == positive)
+    return _f1_from_counts(true_positive, predicted, actual)
+
+
+def _f1_from_counts(correct, predicted, actual) -> float:
+    if correct == 0:
+        return 0.0
+    precision, recall = correct / predicted, correct / actual
+    return float(2 * precision * recall / (precision + recall))
+
+
+def matthews_corrcoef(predictions, references) -> float:
+    """Matthews correlation, the multi-class form (Gorodkin, 2004) that sklearn computes; 0 when undefined."""
+    predictions, references = np.asarray(predictions), np.asarray(references)
+    classes = np.union1d(predictions, references)
+    confusion = np.zeros((len(classes), len(classes)), dtype=np.float64)
+    np.add.at(confusion, (np.searchsorted(classes, references), np.searchsorted(classes, predictions)), 1)
+    actual, predicted = confusion.sum(axis=1), confusion.sum(axis=0)
+    samples, correct = confusion.sum(), np.trace(confusion)
+    covariance = correct * samples - actual @ predicted
+    denominator = np.sqrt((samples**2 - predicted @ predicted) * (samples**2 - actual @ actual))
+    return float(covariance / denominator) if denominator else 0.0
+
+
+def pearson(predictions, references) -> float:
+    x = np.asarray(predictions, dtype=np.float64) - np.mean(predictions)
+    y = np.asarray(references, dtype=np.float64) - np.mean(references)
+    denominator = np.sqrt(np.sum(x * x) * np.sum(y * y))
+    return float(np.sum(x * y) / denominator) if denominator else 0.0
+
+
+def _average_ranks(values) -> np.ndarray:
+    """Ranks 1..n with ties given the mean of the ranks they span (what Spearman's rho needs)."""
+    values = np.asarray(values, dtype=np.float64)
+    order = np.argsort(values, kind="mergesort")
+    sorted_values = values[order]
+    # Each run of equal values gets the mean of its positions.
+    starts = np.flatnonzero(np.r_[True, sorted_values[1:] != sorted_values[:-1]])
+    ends = np.r_[starts[1:], len(values)]
+    mean_rank = (starts + ends + 1) / 2.0
+    ranks = np.empty(len(values))
+    ranks[order] = np.repeat(mean_rank, ends - starts)
+    return ranks
+
+
+def spearman(predictions, references) -> float:
+    return pearson(_average_ranks(predictions), _average_ranks(references))
+
+
+def _split_tag(tag: str) -> tuple[str, str]:
+    if tag in ("O", ""):
+        return "O", ""
+    prefix, _, entity_type = tag.partition("-")
+    return prefix, entity_type or "_"
+
+
+def _chunk_ends(prev_prefix, prefix, prev_type, entity_type) -> bool:
+    if prev_prefix in ("E", "S"):
+        return True
+    if prev_prefix in ("B", "I") and prefix in ("B", "S", "O"):
+        return True
+    return prev_prefix != "O" and prev_type != entity_type
+
+
+def _chunk_starts(prev_prefix, prefix, prev_type, entity_type) -> bool:
+    if prefix in ("B", "S"):
+        return True
+    if prefix in ("E", "I") and prev_prefix in ("E", "S", "O"):
+        return True
+    return prefix != "O" and prev_type != entity_type
+
+
+def entities(tags: Sequence[str]) -> set[tuple[str, int, int]]:
+    """(type, first, last) of each entity in one sentence's tags, chunked as conlleval/seqeval do.
+
+    An I- tag after O or after another type opens an entity, which is what makes IOB1 files
+    (CoNLL-2003's original tagging) and IOB2 files both read correctly.
+    """
+    found = set()
+    prev_prefix, prev_type, begin = "O", "", 0
+    for position, tag in enumerate(list(tags) + ["O"]):
+        prefix, entity_type = _split_tag(tag)
+        if _chunk_ends(prev_prefix, prefix, prev_type, entity_type):
+            found.add((prev_type, begin, position - 1))
+        if _chunk_starts(prev_prefix, prefix, prev_type, entity_type):
+            begin = position
+        prev_prefix, prev_type = prefix, entity_type
+    return found
+
+
+def entity_f1(predictions: Sequence[Sequence[str]], references: Sequence[Sequence[str]]) -> float:
+    """Micro-averaged entity F1 over sentences (seqeval's default `f1_score`)."""
+    if len(predictions) != len(references):
+        raise ValueError(f"entity_f1: {len(predictions)} predicted sentences for {len(references)} references")
+    correct = predicted = actual = 0
+    for index, (predicted_tags, gold_tags) in enumerate(zip(predictions, references)):
+        if len(predicted_tags) != len(gold_tags):
+            raise ValueError(f"entity_f1: sentence {index} has {len(predicted_tags)} predicted tags for {len(gold_tags)} words")
+        predicted_entities, gold_entities = entities(predicted_tags), entities(gold_tags)
+        correct += len(predicted_entities & gold_entities)
+        predicted += len(predicted_entities)
+        actual += len(gold_entities)
+    return _f1_from_counts(correct, predicted, actual)
+
+
+def token_accuracy(predictions: Sequence[Sequence[str]], references: Sequence[Sequence[str]]) -> float:
+    """Accuracy over all words of all sentences (POS tagging)."""
+    flat_predictions = [tag for sentence in predictions for tag in sentence]
+    flat_references = [tag for sentence in references for tag in sentence]
+    return accuracy(np.array(flat_predictions, dtype=object), np.array(flat_references, dtype=object))
+
+
+# Metrics of whole label sequences (tagging); the others take one label or score per example.
+SEQUENCE_METRICS = {"entity_f1": entity_f1, "accuracy": token_accuracy}
+EXAMPLE_METRICS = {
+    "accuracy": accuracy,
+    "f1": f1,
+    "mcc": matthews_corrcoef,
+    "pearson": pearson,
+    "spearman": spearman,
+}
+
+
+def compute(names: Sequence[str], predictions, references, tagging: bool = False, positive=1) -> dict[str, float]:
+    """{name: value} for each metric name; `positive` is the class binary F1 scores."""
+    table = SEQUENCE_METRICS if tagging else EXAMPLE_METRICS
+    results = {}
+    for name in names:
+        if name not in table:
+            raise ValueError(f"unknown {'tagging ' if tagging else ''}metric {name!r}; choose from {sorted(table)}")
+        results[name] = table[name](predictions, references, positive=positive) if name == "f1" else table[name](predictions, references)
+    return results
