@@ -1,0 +1,330 @@
+"""The BERT encoder: embeddings (token + segment + position) and a stack of Transformer layers.
+
+Parameters are float32 and carry logical axis names (`bertjax.models.axes`) so that
+`bertjax.train.partitioning` can shard them without touching this module; the compute dtype is
+`BertConfig.dtype`. The parameter tree names are a contract (see `encoder_layer_index` and the
+HuggingFace name map in `bertjax.convert.hf`):
+
+    embeddings/{word_embeddings, position_embeddings (learned only), token_type_embeddings, LayerNorm}
+    layer_i/{attention/{query, key, value, output}, attention_layer_norm,
+             mlp/{intermediate, output}, mlp_layer_norm}
+    final_layer_norm (pre-LN only)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from bertjax.models.axes import BATCH, EMBED, HEADS, KV, LENGTH, MLP, POSITIONS, TYPES, VOCAB
+
+ACTIVATION_AXES = (BATCH, LENGTH, EMBED)
+
+# jax.nn.dot_product_attention's `implementation` for each config value.
+ATTENTION_IMPLEMENTATIONS = {"xla": "xla", "cudnn": "cudnn", "auto": None}
+
+
+@dataclasses.dataclass(frozen=True)
+class BertConfig:
+    """The model's hyperparameters: `config.model` as a hashable value a Flax module can hold."""
+
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    intermediate_size: int
+    type_vocab_size: int = 2
+    max_position_embeddings: int = 512
+    position_embedding: str = "learned"  # 'learned' | 'sinusoidal'
+    layer_norm: str = "post"  # 'post' (BERT) | 'pre'
+    layer_norm_eps: float = 1e-12
+    dtype: str = "float32"  # compute dtype; parameters are always float32
+    hidden_dropout: float = 0.1
+    attention_dropout: float = 0.1
+    attention_implementation: str = "xla"  # 'xla' | 'cudnn' | 'auto'
+    initializer_range: float = 0.02
+
+    @classmethod
+    def from_config(cls, model_config: ml_collections.ConfigDict | dict) -> BertConfig:
+        """Build from `config.model`; keys that are not model hyperparameters (e.g. `size`) are ignored."""
+        values = dict(model_config.to_dict() if hasattr(model_config, "to_dict") else model_config)
+        fields = {field.name for field in dataclasses.fields(cls)}
+        missing = sorted(field.name for field in dataclasses.fields(cls) if field.default is dataclasses.MISSING and field.name not in values)
+        if missing:
+            raise KeyError(f"config.model lacks {missing}")
+        return cls(**{key: value for key, value in values.items() if key in fields})
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def compute_dtype(self) -> Any:
+        return jnp.dtype(self.dtype)
+
+
+def normal_init(cfg: BertConfig, axes: tuple[str, ...]) -> Callable:
+    return nn.with_logical_partitioning(nn.initializers.normal(cfg.initializer_range), axes)
+
+
+def zeros_init(axes: tuple[str, ...]) -> Callable:
+    return nn.with_logical_partitioning(nn.initializers.zeros_init(), axes)
+
+
+def dense(cfg: BertConfig, features: int, axes: tuple[str, str], name: str | None = None) -> nn.Dense:
+    """A Dense layer with BERT's init and logical axes (input axis, output axis) on its kernel."""
+    return nn.Dense(
+        features,
+        dtype=cfg.compute_dtype,
+        kernel_init=normal_init(cfg, axes),
+        bias_init=zeros_init(axes[-1:]),
+        name=name,
+    )
+
+
+def layer_norm(cfg: BertConfig, name: str | None = None) -> nn.LayerNorm:
+    return nn.LayerNorm(
+        epsilon=cfg.layer_norm_eps,
+        dtype=cfg.compute_dtype,
+        scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), (EMBED,)),
+        bias_init=zeros_init((EMBED,)),
+        name=name,
+    )
+
+
+def gelu(x: jax.Array) -> jax.Array:
+    """The exact erf GELU of BERT (HuggingFace's "gelu"), not the tanh approximation."""
+    return jax.nn.gelu(x, approximate=False)
+
+
+def sinusoidal_positions(length: int, features: int) -> jax.Array:
+    """Vaswani et al.'s table: sin on even features, cos on odd ones; [length, features] float32."""
+    positions = jnp.arange(length, dtype=jnp.float32)[:, None]
+    frequencies = jnp.exp(-math.log(10000.0) * jnp.arange(0, features, 2, dtype=jnp.float32) / features)
+    angles = positions * frequencies[None, :]
+    table = jnp.zeros((length, features), jnp.float32)
+    table = table.at[:, 0::2].set(jnp.sin(angles))
+    return table.at[:, 1::2].set(jnp.cos(angles[:, : features // 2]))
+
+
+class Embeddings(nn.Module):
+    """Word + segment + position embeddings, then LayerNorm and dropout."""
+
+    cfg: BertConfig
+
+    def setup(self):
+        cfg = self.cfg
+        self.word_embeddings = nn.Embed(
+            cfg.vocab_size,
+            cfg.hidden_size,
+            dtype=cfg.compute_dtype,
+            embedding_init=normal_init(cfg, (VOCAB, EMBED)),
+        )
+        if cfg.position_embedding == "learned":
+            self.position_embeddings = nn.Embed(
+                cfg.max_position_embeddings,
+                cfg.hidden_size,
+                dtype=cfg.compute_dtype,
+                embedding_init=normal_init(cfg, (POSITIONS, EMBED)),
+            )
+        self.token_type_embeddings = nn.Embed(
+            cfg.type_vocab_size,
+            cfg.hidden_size,
+            dtype=cfg.compute_dtype,
+            embedding_init=normal_init(cfg, (TYPES, EMBED)),
+        )
+        self.LayerNorm = layer_norm(cfg)
+        self.dropout = nn.Dropout(cfg.hidden_dropout)
+
+    def __call__(self, input_ids: jax.Array, token_type_ids: jax.Array, deterministic: bool) -> jax.Array:
+        cfg = self.cfg
+        length = input_ids.shape[-1]
+        if length > cfg.max_position_embeddings:
+            raise ValueError(f"sequence length {length} exceeds max_position_embeddings={cfg.max_position_embeddings}")
+        if cfg.position_embedding == "learned":
+            positions = self.position_embeddings(jnp.arange(length))
+        else:
+            positions = sinusoidal_positions(length, cfg.hidden_size).astype(cfg.compute_dtype)
+        x = self.word_embeddings(input_ids) + self.token_type_embeddings(token_type_ids) + positions[None]
+        x = self.dropout(self.LayerNorm(x), deterministic=deterministic)
+        return nn.with_logical_constraint(x, ACTIVATION_AXES)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention over the non-padding keys, through jax.nn.dot_product_attention.
+
+    With attention dropout active (training, attention_dropout > 0) the XLA path computes
+    softmax(QK^T/sqrt(d) + mask) itself, because jax.nn.dot_product_attention has no dropout. The cuDNN
+    path ('cudnn') never drops attention probabilities (the fused kernel has no dropout) and takes
+    sequence lengths instead of a mask, so it assumes right padding.
+    """
+
+    cfg: BertConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array, attention_mask: jax.Array, deterministic: bool) -> jax.Array:
+        cfg = self.cfg
+
+        def projection(name: str) -> nn.DenseGeneral:
+            return nn.DenseGeneral(
+                (cfg.num_heads, cfg.head_dim),
+                dtype=cfg.compute_dtype,
+                kernel_init=normal_init(cfg, (EMBED, HEADS, KV)),
+                bias_init=zeros_init((HEADS, KV)),
+                name=name,
+            )
+
+        query, key, value = (projection(name)(x) for name in ("query", "key", "value"))  # [B, S, N, D]
+        dropout_active = not deterministic and cfg.attention_dropout > 0.0
+        if cfg.attention_implementation == "cudnn":
+            lengths = attention_mask.sum(axis=-1).astype(jnp.int32)
+            context = jax.nn.dot_product_attention(
+                query, key, value, query_seq_lengths=lengths, key_value_seq_lengths=lengths, implementation="cudnn"
+            )
+        elif dropout_active:
+            context = self.attention_with_dropout(query, key, value, attention_mask)
+        else:
+            context = jax.nn.dot_product_attention(
+                query,
+                key,
+                value,
+                mask=key_mask(attention_mask),
+                implementation=ATTENTION_IMPLEMENTATIONS[cfg.attention_implementation],
+            )
+        return nn.DenseGeneral(
+            cfg.hidden_size,
+            axis=(-2, -1),
+            dtype=cfg.compute_dtype,
+            kernel_init=normal_init(cfg, (HEADS, KV, EMBED)),
+            bias_init=zeros_init((EMBED,)),
+            name="output",
+        )(context)
+
+    def attention_with_dropout(self, query, key, value, attention_mask) -> jax.Array:
+        scores = jnp.einsum("bqnd,bknd->bnqk", query, key).astype(jnp.float32) / math.sqrt(self.cfg.head_dim)
+        scores = jnp.where(key_mask(attention_mask), scores, jnp.finfo(jnp.float32).min)
+        probabilities = jax.nn.softmax(scores, axis=-1)
+        probabilities = nn.Dropout(self.cfg.attention_dropout)(probabilities, deterministic=False)
+        return jnp.einsum("bnqk,bknd->bqnd", probabilities.astype(value.dtype), value)
+
+
+def key_mask(attention_mask: jax.Array) -> jax.Array:
+    """[B, S] 1/0 padding mask -> [B, 1, 1, S] boolean: every query may attend to the non-padding keys."""
+    return attention_mask.astype(bool)[:, None, None, :]
+
+
+class FeedForward(nn.Module):
+    cfg: BertConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cfg = self.cfg
+        x = gelu(dense(cfg, cfg.intermediate_size, (EMBED, MLP), name="intermediate")(x))
+        return dense(cfg, cfg.hidden_size, (MLP, EMBED), name="output")(x)
+
+
+class Layer(nn.Module):
+    """One Transformer layer; LayerNorm after each residual sum ('post', BERT) or before each sublayer ('pre')."""
+
+    cfg: BertConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array, attention_mask: jax.Array, deterministic: bool) -> jax.Array:
+        cfg = self.cfg
+        sublayers = (
+            (lambda h: SelfAttention(cfg, name="attention")(h, attention_mask, deterministic), "attention_layer_norm"),
+            (lambda h: FeedForward(cfg, name="mlp")(h), "mlp_layer_norm"),
+        )
+        for sublayer, norm_name in sublayers:
+            norm = layer_norm(cfg, name=norm_name)
+            dropout = nn.Dropout(cfg.hidden_dropout)
+            if cfg.layer_norm == "post":
+                x = norm(x + dropout(sublayer(x), deterministic=deterministic))
+            else:
+                x = x + dropout(sublayer(norm(x)), deterministic=deterministic)
+            x = nn.with_logical_constraint(x, ACTIVATION_AXES)
+        return x
+
+
+class Encoder(nn.Module):
+    """Embeddings and the layer stack: returns (sequence_output [B, S, H], hidden_states).
+
+    hidden_states holds L + 1 arrays as HuggingFace does: the embeddings output, then each layer's
+    output. With pre-LN the last one (= sequence_output) has the final LayerNorm applied.
+    """
+
+    cfg: BertConfig
+
+    def setup(self):
+        cfg = self.cfg
+        self.embeddings = Embeddings(cfg)
+        # Named attributes rather than a list, so the parameter tree reads layer_0 ... layer_{L-1}.
+        for i in range(cfg.num_layers):
+            setattr(self, f"layer_{i}", Layer(cfg))
+        if cfg.layer_norm == "pre":
+            self.final_layer_norm = layer_norm(cfg)
+
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        token_type_ids: jax.Array | None = None,
+        attention_mask: jax.Array | None = None,
+        deterministic: bool = True,
+    ) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+        if token_type_ids is None:
+            token_type_ids = jnp.zeros_like(input_ids)
+        if attention_mask is None:
+            attention_mask = jnp.ones_like(input_ids)
+        x = self.embeddings(input_ids, token_type_ids, deterministic)
+        hidden_states = [x]
+        for i in range(self.cfg.num_layers):
+            x = getattr(self, f"layer_{i}")(x, attention_mask, deterministic)
+            hidden_states.append(x)
+        if self.cfg.layer_norm == "pre":
+            x = self.final_layer_norm(x)
+            hidden_states[-1] = x
+        return x, tuple(hidden_states)
+
+    def attend(self, hidden: jax.Array) -> jax.Array:
+        """Logits over the vocabulary by the word-embedding table (the tied MLM decoder)."""
+        return self.embeddings.word_embeddings.attend(hidden)
+
+
+_LAYER_NAME = re.compile(r"layer_(\d+)")
+
+
+def _path_names(path) -> list[str]:
+    """Key names of a parameter path: a '/'-joined string, a tuple of strings, or a jax key path."""
+    if isinstance(path, str):
+        return path.split("/")
+    names = []
+    for entry in path:
+        for attribute in ("key", "name", "idx"):
+            if hasattr(entry, attribute):
+                entry = getattr(entry, attribute)
+                break
+        names.append(str(entry))
+    return names
+
+
+def encoder_layer_index(path) -> int | None:
+    """-1 for a parameter of the embeddings, i for one of `layer_i`, None for anything else.
+
+    `path` is a parameter's path as `flax.traverse_util.flatten_dict` gives it (a tuple of names), as
+    `jax.tree_util.tree_map_with_path` gives it (key entries), or '/'-joined. The trainer freezes the
+    bottom k layers and decays learning rates by depth with it.
+    """
+    for name in _path_names(path):
+        if name == "embeddings":
+            return -1
+        match = _LAYER_NAME.fullmatch(name)
+        if match:
+            return int(match.group(1))
+    return None
