@@ -1,0 +1,317 @@
+"""HuggingFace `transformers` BERT checkpoints <-> bertjax parameters.
+
+    model, variables = hf.load("path/to/hf_dir")      # config.json + model.safetensors
+    hf.save(model, variables, "path/to/out_dir")       # BertForPreTraining.from_pretrained reads it
+
+Weights are read and written with `safetensors.numpy` only: a pickled checkpoint (pytorch_model.bin)
+is refused, never unpickled, because unpickling runs arbitrary code. `transformers` itself is not
+needed. One table (`tensor_map`) names every tensor in both directions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import shutil
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import safetensors.numpy
+
+from bertjax import config as config_lib
+from bertjax.models import BertConfig, BertForPreTraining
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+WEIGHTS_INDEX_FILE = "model.safetensors.index.json"  # a checkpoint sharded over several files
+VOCAB_FILE = "vocab.txt"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+# Tensors HF writes that hold no parameter (the position-id buffer of older versions).
+IGNORED_TENSORS = ("bert.embeddings.position_ids",)
+TIED_DECODER = "cls.predictions.decoder.weight"
+DECODER_BIAS_ALIAS = ("cls.predictions.decoder.bias", "cls.predictions.bias")
+# Older checkpoints (the original TF conversion) name LayerNorm parameters gamma/beta.
+LAYER_NORM_ALIASES = {".gamma": ".weight", ".beta": ".bias"}
+
+
+class HFCheckpointError(ValueError):
+    """A directory that is not a usable HuggingFace BERT checkpoint; the message names the file and tensor."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorMap:
+    hf_name: str
+    path: tuple[str, ...]  # in the bertjax parameter tree
+    hf_shape: tuple[int, ...]
+    transpose: bool  # torch Linear weights are [out, in]; Flax kernels are [in, ...out]
+
+
+def linear(hf_prefix: str, path: tuple[str, ...], out_features: int, in_features: int) -> list[TensorMap]:
+    return [
+        TensorMap(f"{hf_prefix}.weight", (*path, "kernel"), (out_features, in_features), True),
+        TensorMap(f"{hf_prefix}.bias", (*path, "bias"), (out_features,), False),
+    ]
+
+
+def norm(hf_prefix: str, path: tuple[str, ...], features: int) -> list[TensorMap]:
+    return [
+        TensorMap(f"{hf_prefix}.weight", (*path, "scale"), (features,), False),
+        TensorMap(f"{hf_prefix}.bias", (*path, "bias"), (features,), False),
+    ]
+
+
+def embedding(hf_name: str, path: tuple[str, ...], rows: int, features: int) -> TensorMap:
+    return TensorMap(hf_name, (*path, "embedding"), (rows, features), False)
+
+
+def tensor_map(cfg: BertConfig) -> list[TensorMap]:
+    """Every tensor of a HF BertForPreTraining and where it lives in bertjax's parameter tree."""
+    if cfg.position_embedding != "learned" or cfg.layer_norm != "post":
+        raise HFCheckpointError(
+            f"a HuggingFace BERT has learned positions and post-LN; this model has "
+            f"position_embedding={cfg.position_embedding!r}, layer_norm={cfg.layer_norm!r}"
+        )
+    hidden, intermediate = cfg.hidden_size, cfg.intermediate_size
+    embeddings = ("encoder", "embeddings")
+    tensors = [
+        embedding("bert.embeddings.word_embeddings.weight", (*embeddings, "word_embeddings"), cfg.vocab_size, hidden),
+        embedding("bert.embeddings.position_embeddings.weight", (*embeddings, "position_embeddings"), cfg.max_position_embeddings, hidden),
+        embedding("bert.embeddings.token_type_embeddings.weight", (*embeddings, "token_type_embeddings"), cfg.type_vocab_size, hidden),
+        *norm("bert.embeddings.LayerNorm", (*embeddings, "LayerNorm"), hidden),
+    ]
+    for i in range(cfg.num_layers):
+        hf_layer, layer = f"bert.encoder.layer.{i}", ("encoder", f"layer_{i}")
+        for projection in ("query", "key", "value"):
+            tensors += linear(f"{hf_layer}.attention.self.{projection}", (*layer, "attention", projection), hidden, hidden)
+        tensors += linear(f"{hf_layer}.attention.output.dense", (*layer, "attention", "output"), hidden, hidden)
+        tensors += norm(f"{hf_layer}.attention.output.LayerNorm", (*layer, "attention_layer_norm"), hidden)
+        tensors += linear(f"{hf_layer}.intermediate.dense", (*layer, "mlp", "intermediate"), intermediate, hidden)
+        tensors += linear(f"{hf_layer}.output.dense", (*layer, "mlp", "output"), hidden, intermediate)
+        tensors += norm(f"{hf_layer}.output.LayerNorm", (*layer, "mlp_layer_norm"), hidden)
+    tensors += linear("bert.pooler.dense", ("pooler", "dense"), hidden, hidden)
+    tensors += linear("cls.predictions.transform.dense", ("mlm", "transform"), hidden, hidden)
+    tensors += norm("cls.predictions.transform.LayerNorm", ("mlm", "LayerNorm"), hidden)
+    tensors.append(TensorMap("cls.predictions.bias", ("mlm", "bias"), (cfg.vocab_size,), False))
+    tensors += linear("cls.seq_relationship", ("sentence",), 2, hidden)
+    return tensors
+
+
+def to_bertjax(tensor: TensorMap, array: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    array = array.T if tensor.transpose else array
+    return np.ascontiguousarray(array.reshape(shape), dtype=np.float32)
+
+
+def to_hf(tensor: TensorMap, array: np.ndarray) -> np.ndarray:
+    array = np.asarray(array, dtype=np.float32)
+    if tensor.transpose:
+        return np.ascontiguousarray(array.reshape(tensor.hf_shape[::-1]).T)
+    return np.ascontiguousarray(array.reshape(tensor.hf_shape))
+
+
+def param_shapes(model: BertForPreTraining) -> dict[tuple[str, ...], tuple[int, ...]]:
+    """The model's parameter shapes by path, from an abstract init (nothing is allocated)."""
+    ids = jnp.zeros((1, 1), jnp.int32)
+    abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), ids, ids, ids))
+    flat = flax.traverse_util.flatten_dict(nn.meta.unbox(abstract["params"]))
+    return {path: leaf.shape for path, leaf in flat.items()}
+
+
+# ----------------------------------------------------------------------------------------- config
+
+
+HF_CONFIG_KEYS = {  # HF config.json key -> (config.model key, HF's default when absent)
+    "vocab_size": ("vocab_size", None),
+    "hidden_size": ("hidden_size", None),
+    "num_hidden_layers": ("num_layers", None),
+    "num_attention_heads": ("num_heads", None),
+    "intermediate_size": ("intermediate_size", None),
+    "type_vocab_size": ("type_vocab_size", 2),
+    "max_position_embeddings": ("max_position_embeddings", 512),
+    "layer_norm_eps": ("layer_norm_eps", 1e-12),
+    "hidden_dropout_prob": ("hidden_dropout", 0.1),
+    "attention_probs_dropout_prob": ("attention_dropout", 0.1),
+    "initializer_range": ("initializer_range", 0.02),
+}
+
+
+def config_from_hf(hf_config: dict, source: str = CONFIG_FILE) -> ml_collections.ConfigDict:
+    """A `config.model` ConfigDict from a HF BERT config.json dict; `source` names the file in errors."""
+    model_type = hf_config.get("model_type")
+    if model_type != "bert":
+        raise HFCheckpointError(f"{source}: model_type={model_type!r}, not a BERT checkpoint (expected 'bert')")
+    checks = {"hidden_act": ("gelu", None), "position_embedding_type": ("absolute", None)}  # None: HF's default
+    for key, allowed in checks.items():
+        if hf_config.get(key) not in allowed:
+            raise HFCheckpointError(f"{source}: {key}={hf_config.get(key)!r} is not supported (bertjax's BERT has {allowed[0]!r})")
+    model = config_lib.model_config()
+    for hf_key, (key, default) in HF_CONFIG_KEYS.items():
+        value = hf_config.get(hf_key, default)
+        if value is None:
+            raise HFCheckpointError(f"{source}: lacks {hf_key!r}")
+        model[key] = value
+    model.position_embedding = "learned"
+    model.layer_norm = "post"
+    size = (model.num_layers, model.hidden_size, model.num_heads)
+    model.size = next((name for name, shape in config_lib.SIZES.items() if shape == size), "custom")
+    try:
+        config_lib.validate(ml_collections.ConfigDict({"model": model}))
+    except config_lib.ConfigError as error:
+        raise HFCheckpointError(f"{source}: {error}") from error
+    return model
+
+
+def hf_config_from(cfg: BertConfig) -> dict:
+    """The config.json of a HF BertForPreTraining with this model's shape."""
+    hf_config = {"architectures": ["BertForPreTraining"], "model_type": "bert", "hidden_act": "gelu"}
+    hf_config.update({hf_key: getattr(cfg, key) for hf_key, (key, _) in HF_CONFIG_KEYS.items()})
+    hf_config.update(position_embedding_type="absolute", pad_token_id=0, tie_word_embeddings=True)
+    return hf_config
+
+
+# ------------------------------------------------------------------------------------------- load
+
+
+def read_weights(hf_dir: pathlib.Path) -> dict[str, np.ndarray]:
+    """All tensors of model.safetensors (or its shards); a pickle-only directory is refused."""
+    if (hf_dir / WEIGHTS_INDEX_FILE).exists():
+        index = json.loads((hf_dir / WEIGHTS_INDEX_FILE).read_text())
+        shards = sorted(set(index["weight_map"].values()))
+    elif (hf_dir / WEIGHTS_FILE).exists():
+        shards = [WEIGHTS_FILE]
+    else:
+        pickles = sorted(path.name for path in hf_dir.iterdir() if path.suffix in PICKLE_SUFFIXES)
+        if pickles:
+            raise HFCheckpointError(
+                f"{hf_dir} holds only pickled weights ({', '.join(pickles)}); bertjax reads {WEIGHTS_FILE} only and never "
+                f"unpickles a file (unpickling runs arbitrary code). Convert it where you trust the file: "
+                f"BertForPreTraining.from_pretrained(dir).save_pretrained(dir) writes {WEIGHTS_FILE}."
+            )
+        raise HFCheckpointError(f"{hf_dir} has no {WEIGHTS_FILE}")
+    tensors = {}
+    for shard in shards:
+        tensors.update(safetensors.numpy.load_file(hf_dir / shard))
+    return tensors
+
+
+def canonical_names(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Rename the aliases older checkpoints use (gamma/beta, decoder.bias) to today's names."""
+    renamed = {}
+    for name, array in tensors.items():
+        for old, new in LAYER_NORM_ALIASES.items():
+            if "LayerNorm" in name and name.endswith(old):
+                name = name[: -len(old)] + new
+        if name == DECODER_BIAS_ALIAS[0]:
+            name = DECODER_BIAS_ALIAS[1]
+        renamed[name] = array
+    return renamed
+
+
+def params_from_hf(tensors: dict[str, np.ndarray], model: BertForPreTraining, source: str) -> dict:
+    """The bertjax parameter tree (plain float32 arrays) from HF tensors; errors name the tensor."""
+    tensors = canonical_names(tensors)
+    shapes = param_shapes(model)
+    flat = {}
+    for tensor in tensor_map(model.cfg):
+        if tensor.hf_name not in tensors:
+            raise HFCheckpointError(f"{source}: tensor {tensor.hf_name} is missing")
+        array = tensors.pop(tensor.hf_name)
+        if array.shape != tensor.hf_shape:
+            raise HFCheckpointError(
+                f"{source}: tensor {tensor.hf_name} has shape {array.shape}, but config.json implies {tensor.hf_shape}"
+            )
+        flat[tensor.path] = jnp.asarray(to_bertjax(tensor, array, shapes[tensor.path]))
+    decoder = tensors.pop(TIED_DECODER, None)
+    word_embeddings = flat[("encoder", "embeddings", "word_embeddings", "embedding")]
+    if decoder is not None and not np.array_equal(decoder, np.asarray(word_embeddings)):
+        raise HFCheckpointError(f"{source}: tensor {TIED_DECODER} differs from the word embeddings; bertjax ties them")
+    unexpected = sorted(name for name in tensors if name not in IGNORED_TENSORS)
+    if unexpected:
+        raise HFCheckpointError(f"{source}: tensors a BertForPreTraining does not have: {', '.join(unexpected)}")
+    return flax.traverse_util.unflatten_dict(flat)
+
+
+def read_config(hf_dir: pathlib.Path) -> ml_collections.ConfigDict:
+    """The `config.model` of a HF checkpoint directory."""
+    if not hf_dir.is_dir():
+        raise HFCheckpointError(f"{hf_dir} is not a directory")
+    config_path = hf_dir / CONFIG_FILE
+    if not config_path.exists():
+        raise HFCheckpointError(f"{hf_dir} has no {CONFIG_FILE}: not a HuggingFace checkpoint directory")
+    try:
+        hf_config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as error:
+        raise HFCheckpointError(f"{config_path}: not valid JSON ({error})") from error
+    return config_from_hf(hf_config, source=str(config_path))
+
+
+def load(hf_dir: str | pathlib.Path) -> tuple[BertForPreTraining, dict]:
+    """(model, {'params': plain float32 arrays}) from a directory of `BertForPreTraining.save_pretrained`."""
+    hf_dir = pathlib.Path(hf_dir)
+    model = BertForPreTraining(BertConfig.from_config(read_config(hf_dir)))
+    params = params_from_hf(read_weights(hf_dir), model, source=str(hf_dir))
+    return model, {"params": params}
+
+
+# ------------------------------------------------------------------------------------------- save
+
+
+def save(model: BertForPreTraining, variables: dict, out_dir: str | pathlib.Path) -> pathlib.Path:
+    """Write config.json + model.safetensors that `transformers.BertForPreTraining.from_pretrained` loads.
+
+    `variables` is {'params': ...} or the parameter tree itself, boxed or plain.
+    """
+    params = nn.meta.unbox(variables.get("params", variables))
+    flat = flax.traverse_util.flatten_dict(jax.device_get(params))
+    tensors = {tensor.hf_name: to_hf(tensor, flat[tensor.path]) for tensor in tensor_map(model.cfg)}
+    out_dir = pathlib.Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / CONFIG_FILE).write_text(json.dumps(hf_config_from(model.cfg), indent=2) + "\n")
+    safetensors.numpy.save_file(tensors, out_dir / WEIGHTS_FILE, metadata={"format": "pt"})
+    return out_dir
+
+
+# ---------------------------------------------------------------------------------------- convert
+
+
+def is_hf_dir(path: pathlib.Path) -> bool:
+    if not (path / CONFIG_FILE).exists():
+        return False
+    return "model_type" in json.loads((path / CONFIG_FILE).read_text()) or any(
+        (path / name).exists() for name in (WEIGHTS_FILE, WEIGHTS_INDEX_FILE, "pytorch_model.bin")
+    )
+
+
+def convert(source: str, target: str) -> str:
+    """`bertjax convert`: a HF directory becomes a bertjax workdir; a bertjax workdir (or WORKDIR:STEP) a HF directory.
+
+    A WordPiece vocab.txt travels along. Returns a line saying what was written.
+    """
+    from bertjax.train import checkpoints
+
+    target_dir = pathlib.Path(target)
+    if target_dir.exists() and any(target_dir.iterdir()):
+        raise FileExistsError(f"--to {target_dir} exists and is not empty")
+    source_dir = pathlib.Path(source)
+    if source_dir.is_dir() and is_hf_dir(source_dir):
+        _, variables = load(source_dir)
+        config = config_lib.pretrain_config()
+        config.model = read_config(source_dir)
+        config.data.max_seq_length = min(config.data.max_seq_length, config.model.max_position_embeddings)
+        if (source_dir / VOCAB_FILE).exists():
+            target_dir.mkdir(parents=True, exist_ok=True)
+            config.data.tokenizer = str(shutil.copy(source_dir / VOCAB_FILE, target_dir / VOCAB_FILE))
+        checkpoints.save_params(target_dir, config, variables["params"])
+        return f"wrote bertjax workdir {target_dir} from HuggingFace checkpoint {source_dir}"
+    config, params = checkpoints.load_params(source)
+    model = BertForPreTraining(BertConfig.from_config(config.model))
+    save(model, {"params": params}, target_dir)
+    tokenizer = pathlib.Path(config.data.tokenizer) if config.data.get("tokenizer") else None
+    if tokenizer is not None and tokenizer.name == VOCAB_FILE and tokenizer.exists():
+        shutil.copy(tokenizer, target_dir / VOCAB_FILE)
+    return f"wrote HuggingFace checkpoint {target_dir} from bertjax {source}"
