@@ -1,0 +1,513 @@
+"""Downstream task data: readers for the standard files, labels, and encoding into model features.
+
+Readers (each record remembers `where` it came from, "file:line", for error messages):
+  read_tsv      GLUE-style TSV (single sentences or pairs; columns by header name or index)
+  read_conll    CoNLL-2003 style: `word ... tag` per line, blank line between sentences, -DOCSTART- skipped
+  read_conllu   CoNLL-U (Universal Dependencies): one column of tags; multiword (1-2) and empty (1.1) nodes skipped
+  read_squad    SQuAD v1.1/v2.0 JSON (also XQuAD); answers whose offset does not match their text are counted
+  read_tfds     'tfds:NAME[:SPLIT]' through tfds.data_source (needs the data set prepared or reachable)
+
+Encoders turn records into dicts of fixed-shape numpy arrays the fine-tuning step takes:
+  input_ids, token_type_ids, attention_mask [N, S] int32, plus
+  label [N] (int32 class id, float32 for regression), or
+  tag_ids [N, S] (tag id on the first piece of each word, -1 elsewhere), or
+  start_position, end_position [N] (0 = [CLS], "no answer in this window").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import pathlib
+import re
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+class TaskDataError(ValueError):
+    """Unusable task data; the message names the file and line (or key)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TextExample:
+    texts: tuple[str, ...]  # one text, or the two of a pair
+    label: str | None
+    where: str
+
+
+@dataclasses.dataclass(frozen=True)
+class TaggedSentence:
+    words: tuple[str, ...]
+    tags: tuple[str, ...] | None
+    where: str
+
+
+@dataclasses.dataclass(frozen=True)
+class QAExample:
+    qid: str
+    question: str
+    context: str
+    answers: tuple[str, ...]  # empty: unanswerable (SQuAD v2.0)
+    answer_starts: tuple[int, ...]  # character offsets of `answers` in `context`; -1 where the file's offset was wrong
+    where: str
+
+
+# ---------------------------------------------------------------------------------------------
+# Readers
+
+
+def _column_index(column, header: list[str] | None, path, key: str) -> int:
+    if isinstance(column, int):
+        return column
+    if isinstance(column, str) and column.lstrip("-").isdigit():
+        return int(column)
+    if header is None:
+        raise TaskDataError(f"{path}: column {column!r} (config data.{key}) is a name but the file has no header; give an index")
+    if column not in header:
+        raise TaskDataError(f"{path}:1: no column {column!r} (config data.{key}) in header {header}")
+    return header.index(column)
+
+
+def read_tsv(path, text_a, text_b=None, label=None, header: bool = True) -> list[TextExample]:
+    """Rows of a tab-separated file; columns are header names or 0-based indices.
+
+    GLUE files are read without quote handling (a `"` is text), as GLUE's own readers do.
+    """
+    path = pathlib.Path(path)
+    examples = []
+    with open(path, encoding="utf-8-sig") as lines:
+        header_fields = lines.readline().rstrip("\r\n").split("\t") if header else None
+        columns = [_column_index(text_a, header_fields, path, "text_a")]
+        if text_b not in (None, ""):
+            columns.append(_column_index(text_b, header_fields, path, "text_b"))
+        label_column = _column_index(label, header_fields, path, "label") if label not in (None, "") else None
+        needed = max(columns + ([label_column] if label_column is not None else [])) + 1
+        for line_number, line in enumerate(lines, start=2 if header else 1):
+            line = line.rstrip("\r\n")
+            if not line.strip():
+                continue
+            fields = line.split("\t")
+            if len(fields) < needed:
+                raise TaskDataError(f"{path}:{line_number}: {len(fields)} tab-separated fields, need at least {needed}: {line[:80]!r}")
+            examples.append(
+                TextExample(
+                    texts=tuple(fields[column].strip() for column in columns),
+                    label=fields[label_column].strip() if label_column is not None else None,
+                    where=f"{path}:{line_number}",
+                )
+            )
+    return examples
+
+
+def _read_blocks(path, is_comment) -> Iterable[tuple[int, list[tuple[int, list[str]]]]]:
+    """(first line number, [(line number, whitespace fields)]) for each blank-line separated block."""
+    block, start = [], None
+    with open(path, encoding="utf-8-sig") as lines:
+        for line_number, line in enumerate(lines, start=1):
+            line = line.rstrip("\r\n")
+            if not line.strip():
+                if block:
+                    yield start, block
+                block, start = [], None
+                continue
+            if is_comment(line):
+                continue
+            start = start or line_number
+            block.append((line_number, line.split("\t") if "\t" in line else line.split()))
+    if block:
+        yield start, block
+
+
+def read_conll(path, word_column: int = 0, tag_column: int = -1) -> list[TaggedSentence]:
+    """CoNLL-2003 style columns (`EU NNP B-NP B-ORG`); -DOCSTART- lines are document markers, skipped."""
+    path = pathlib.Path(path)
+    sentences = []
+    for start, block in _read_blocks(path, lambda line: line.startswith("-DOCSTART-")):
+        words, tags = [], []
+        for line_number, fields in block:
+            if len(fields) < 2 or len(fields) <= max(word_column, tag_column if tag_column >= 0 else -tag_column - 1):
+                raise TaskDataError(f"{path}:{line_number}: expected a word and a tag column, got {fields!r}")
+            words.append(fields[word_column])
+            tags.append(fields[tag_column])
+        sentences.append(TaggedSentence(tuple(words), tuple(tags), f"{path}:{start}"))
+    return sentences
+
+
+_CONLLU_WORD_ID = re.compile(r"^\d+$")
+_CONLLU_SKIPPED_ID = re.compile(r"^\d+(-\d+|\.\d+)$")
+
+
+def read_conllu(path, tag_column: int = 3) -> list[TaggedSentence]:
+    """CoNLL-U sentences with the tag in `tag_column` (3 = UPOS, 4 = XPOS).
+
+    Multiword-token lines (`1-2 didn't`) and empty nodes (`8.1`) are not words of the tagged
+    sequence: the syntactic words that follow (or precede) them are, as in UD's own scoring.
+    """
+    path = pathlib.Path(path)
+    sentences = []
+    for start, block in _read_blocks(path, lambda line: line.startswith("#")):
+        words, tags = [], []
+        for line_number, fields in block:
+            if len(fields) != 10:
+                raise TaskDataError(f"{path}:{line_number}: a CoNLL-U line has 10 tab-separated fields, this one {len(fields)}")
+            if _CONLLU_SKIPPED_ID.match(fields[0]):
+                continue
+            if not _CONLLU_WORD_ID.match(fields[0]):
+                raise TaskDataError(f"{path}:{line_number}: bad word id {fields[0]!r}")
+            words.append(fields[1])
+            tags.append(fields[tag_column])
+        sentences.append(TaggedSentence(tuple(words), tuple(tags), f"{path}:{start}"))
+    return sentences
+
+
+def read_squad(path) -> list[QAExample]:
+    """Every question of a SQuAD v1.1/v2.0 JSON file.
+
+    An answer whose `answer_start` does not point at its text is kept for scoring (scoring uses the
+    text only) with answer_starts -1, so training skips it; the count is logged as a warning.
+    """
+    path = pathlib.Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))["data"]
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        raise TaskDataError(f"{path}: not a SQuAD JSON file ({error})") from None
+    examples, mismatched = [], []
+    for article_number, article in enumerate(data):
+        for paragraph_number, paragraph in enumerate(article.get("paragraphs", [])):
+            context = paragraph["context"]
+            for qa in paragraph["qas"]:
+                where = f"{path}: data[{article_number}].paragraphs[{paragraph_number}] question {qa.get('id')!r}"
+                texts, starts = [], []
+                for answer in [] if qa.get("is_impossible") else qa.get("answers", []):
+                    text, answer_start = answer["text"], int(answer["answer_start"])
+                    if context[answer_start : answer_start + len(text)] != text:
+                        mismatched.append(where)
+                        answer_start = -1
+                    texts.append(text)
+                    starts.append(answer_start)
+                examples.append(QAExample(str(qa["id"]), qa["question"], context, tuple(texts), tuple(starts), where))
+    if mismatched:
+        log.warning(
+            "%s: %d answers' answer_start does not match their text (kept for scoring, not trained on); first: %s",
+            path,
+            len(mismatched),
+            mismatched[0],
+        )
+    return examples
+
+
+def read_tfds(spec: str, family: str, default_split: str, fields) -> list:
+    """Records of 'tfds:NAME[:SPLIT]' (e.g. tfds:glue/sst2) via tfds.data_source; `fields` maps our names to TFDS features."""
+    import tensorflow_datasets as tfds
+
+    name, _, split = spec.removeprefix("tfds:").partition(":")
+    split = split or default_split
+    source = tfds.data_source(name, split=split)
+    label_feature = source.dataset_info.features.get(fields.label) if fields.label else None
+
+    def label_name(value):
+        return label_feature.int2str(int(value)) if hasattr(label_feature, "int2str") else str(value)
+
+    def text(value):
+        return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+    records = []
+    for index in range(len(source)):
+        record, where = source[index], f"{spec}[{index}]"
+        if family == "span":
+            answers = record["answers"]
+            records.append(
+                QAExample(
+                    text(record["id"]),
+                    text(record["question"]),
+                    text(record["context"]),
+                    tuple(text(answer) for answer in answers["text"]),
+                    tuple(int(start) for start in answers["answer_start"]),
+                    where,
+                )
+            )
+        elif family == "tagging":
+            tag_feature = source.dataset_info.features[fields.label].feature
+            records.append(
+                TaggedSentence(tuple(text(word) for word in record[fields.text_a]), tuple(tag_feature.int2str(int(t)) for t in record[fields.label]), where)
+            )
+        else:
+            names = [fields.text_a] + ([fields.text_b] if fields.text_b else [])
+            records.append(TextExample(tuple(text(record[n]) for n in names), label_name(record[fields.label]), where))
+    return records
+
+
+def read(source: str, data_config, family: str, default_split: str) -> list:
+    """The records of a task file (by data_config.format) or of 'tfds:NAME[:SPLIT]'."""
+    if source.startswith("tfds:"):
+        return read_tfds(source, family, default_split, data_config)
+    if not pathlib.Path(source).exists():
+        raise TaskDataError(f"task data file {source!r} does not exist (config data.train / data.dev)")
+    data_format = data_config.format
+    if data_format == "tsv":
+        return read_tsv(source, data_config.text_a, data_config.text_b, data_config.label, data_config.header)
+    if data_format == "conll":
+        return read_conll(source, tag_column=int(data_config.label))
+    if data_format == "conllu":
+        return read_conllu(source, tag_column=int(data_config.label))
+    if data_format == "squad":
+        return read_squad(source)
+    raise TaskDataError(f"config data.format={data_format!r}: choose tsv, conll, conllu or squad")
+
+
+# ---------------------------------------------------------------------------------------------
+# Labels
+
+
+def _label_sort_key(label: str):
+    # Numeric labels sort by value ("2" before "10"), others alphabetically; numbers first.
+    try:
+        return (0, float(label), label)
+    except ValueError:
+        return (1, 0.0, label)
+
+
+class Labels:
+    """The label vocabulary: id order is the declared order, else sorted; saved as labels.json with a run."""
+
+    def __init__(self, names: Sequence[str]):
+        self.names = list(names)
+        self._ids = {name: index for index, name in enumerate(self.names)}
+
+    @classmethod
+    def from_records(cls, labels: Iterable[str], declared: Sequence[str] = ()) -> Labels:
+        return cls(list(declared) if declared else sorted(set(labels), key=_label_sort_key))
+
+    def encode(self, label: str, where: str) -> int:
+        if label not in self._ids:
+            raise TaskDataError(f"{where}: label {label!r} was not seen in training (known labels: {self.names})")
+        return self._ids[label]
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def save(self, path) -> None:
+        pathlib.Path(path).write_text(json.dumps(self.names, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+
+    @classmethod
+    def load(cls, path) -> Labels:
+        return cls(json.loads(pathlib.Path(path).read_text(encoding="utf-8")))
+
+
+def record_labels(records: Sequence) -> list[str]:
+    """Every label string in the records (one per example, or one per word for tagging)."""
+    if records and isinstance(records[0], TaggedSentence):
+        return [tag for sentence in records for tag in sentence.tags]
+    return [example.label for example in records]
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoding
+
+
+def _pack(tokenizer, segments: Sequence[Sequence[int]], max_seq_length: int) -> tuple[list[int], list[int]]:
+    """[CLS] a [SEP] (b [SEP]): ids and segment ids."""
+    ids, types = [tokenizer.cls_id], [0]
+    for segment_index, segment in enumerate(segments):
+        ids += list(segment) + [tokenizer.sep_id]
+        types += [segment_index] * (len(segment) + 1)
+    assert len(ids) <= max_seq_length
+    return ids, types
+
+
+def _truncate_longest_first(segments: list[list[int]], budget: int) -> list[list[int]]:
+    segments = [list(segment) for segment in segments]
+    while sum(map(len, segments)) > budget:
+        longest = max(range(len(segments)), key=lambda i: len(segments[i]))
+        segments[longest].pop()
+    return segments
+
+
+def _to_arrays(rows: list[tuple[list[int], list[int]]], max_seq_length: int, pad_id: int) -> dict[str, np.ndarray]:
+    count = len(rows)
+    input_ids = np.full((count, max_seq_length), pad_id, dtype=np.int32)
+    token_type_ids = np.zeros((count, max_seq_length), dtype=np.int32)
+    attention_mask = np.zeros((count, max_seq_length), dtype=np.int32)
+    for row, (ids, types) in enumerate(rows):
+        input_ids[row, : len(ids)] = ids
+        token_type_ids[row, : len(types)] = types
+        attention_mask[row, : len(ids)] = 1
+    return {"input_ids": input_ids, "token_type_ids": token_type_ids, "attention_mask": attention_mask}
+
+
+def encode_texts(tokenizer, texts: Sequence[Sequence[str]], max_seq_length: int) -> dict[str, np.ndarray]:
+    """One text or a pair per example -> [CLS] a [SEP] b [SEP], longest text truncated first."""
+    columns = [tokenizer.encode_many(column) for column in zip(*texts)]
+    rows = []
+    for segments in zip(*columns):
+        segments = _truncate_longest_first(segments, max_seq_length - 1 - len(segments))
+        rows.append(_pack(tokenizer, segments, max_seq_length))
+    return _to_arrays(rows, max_seq_length, tokenizer.pad_id)
+
+
+def encode_classification(tokenizer, examples: Sequence[TextExample], max_seq_length: int, labels: Labels | None) -> dict[str, np.ndarray]:
+    """Features with `label`: the class id, or the float score when `labels` is None (regression)."""
+    features = encode_texts(tokenizer, [example.texts for example in examples], max_seq_length)
+    if labels is None:
+        try:
+            features["label"] = np.array([float(example.label) for example in examples], dtype=np.float32)
+        except ValueError:
+            bad = next(example for example in examples if not _is_number(example.label))
+            raise TaskDataError(f"{bad.where}: regression label {bad.label!r} is not a number") from None
+    else:
+        features["label"] = np.array([labels.encode(example.label, example.where) for example in examples], dtype=np.int32)
+    return features
+
+
+def _is_number(text) -> bool:
+    try:
+        float(text)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def _word_pieces(tokenizer, words: Sequence[str]) -> list[list[int]]:
+    # A word that encodes to nothing (e.g. a control character) still needs a position to carry its tag.
+    return [pieces or [tokenizer.unk_id] for pieces in tokenizer.encode_many(words)]
+
+
+def encode_tagging(tokenizer, sentences: Sequence[TaggedSentence], max_seq_length: int, labels: Labels | None) -> dict[str, np.ndarray]:
+    """Each word tokenised on its own; its tag sits on its first piece (tag_ids -1 on the others).
+
+    word_positions [N, W] gives the first-piece position of each word (-1 for words cut off by
+    max_seq_length, which predictions fill with a default tag).
+    """
+    all_pieces = iter(_word_pieces(tokenizer, [word for sentence in sentences for word in sentence.words]))
+    rows, tag_rows, position_rows = [], [], []
+    for sentence in sentences:
+        ids, tag_ids, positions = [], [], []
+        sentence_pieces = [next(all_pieces) for _ in sentence.words]
+        for word_index, pieces in enumerate(sentence_pieces):
+            if len(ids) + len(pieces) > max_seq_length - 2:
+                break
+            positions.append(1 + len(ids))
+            tag_ids += [labels.encode(sentence.tags[word_index], sentence.where) if labels and sentence.tags else -1] + [-1] * (len(pieces) - 1)
+            ids += pieces
+        rows.append(_pack(tokenizer, [ids], max_seq_length))
+        tag_rows.append(tag_ids)
+        position_rows.append(positions)
+    features = _to_arrays(rows, max_seq_length, tokenizer.pad_id)
+    features["tag_ids"] = np.full((len(rows), max_seq_length), -1, dtype=np.int32)
+    max_words = max([len(sentence.words) for sentence in sentences] + [1])
+    features["word_positions"] = np.full((len(rows), max_words), -1, dtype=np.int32)
+    for row, (tag_ids, positions) in enumerate(zip(tag_rows, position_rows)):
+        features["tag_ids"][row, 1 : 1 + len(tag_ids)] = tag_ids
+        features["word_positions"][row, : len(positions)] = positions
+    return features
+
+
+def _piece_spans(tokenizer, words: Sequence[str]) -> list[list[tuple[int, int, int]]]:
+    """(piece id, first char, end char) of each piece of each word, offsets within the word.
+
+    Sentencepiece and HuggingFace tokenizers report where each piece came from, so a predicted
+    answer can start or end inside a word ("1996" in "1996-08-30"); any other tokenizer gives
+    every piece its whole word's span.
+    """
+    processor, backend = getattr(tokenizer, "processor", None), getattr(tokenizer, "backend", None)
+    spans = []
+    if processor is not None:
+        for word, proto in zip(words, processor.encode(list(words), return_type="proto")):
+            # Sentencepiece offsets count UTF-8 bytes; map them to characters.
+            char_at_byte = [index for index, char in enumerate(word) for _ in char.encode("utf-8")] + [len(word)]
+            spans.append([(piece.id, char_at_byte[piece.begin], char_at_byte[max(piece.end - 1, piece.begin)] + (piece.end > piece.begin)) for piece in proto.pieces])
+    elif backend is not None:
+        for encoding in backend.encode_batch(list(words), add_special_tokens=False):
+            spans.append([(piece, start, end) for piece, (start, end) in zip(encoding.ids, encoding.offsets)])
+    else:
+        spans = [[(piece, 0, len(word)) for piece in pieces] for word, pieces in zip(words, tokenizer.encode_many(words))]
+    return [word_spans or [(tokenizer.unk_id, 0, len(word))] for word, word_spans in zip(words, spans)]
+
+
+_CJK = re.compile(r"([\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uac00-\ud7af])")
+
+
+def split_words(text: str) -> list[tuple[str, int, int]]:
+    """(word, first char, end char) for each whitespace-separated word; each CJK character is a word.
+
+    Words are tokenised one by one so that each piece's characters in the passage are known.
+    """
+    words = []
+    for match in re.finditer(r"\S+", text):
+        start = match.start()
+        for part in _CJK.split(match.group()):
+            if part:
+                words.append((part, start, start + len(part)))
+                start += len(part)
+    return words
+
+
+def _max_context(window_start: int, window_length: int, position: int) -> float:
+    left, right = position - window_start, window_start + window_length - 1 - position
+    return min(left, right) + 0.01 * window_length
+
+
+def encode_squad(tokenizer, examples: Sequence[QAExample], max_seq_length: int, doc_stride: int, max_query_length: int) -> dict[str, np.ndarray]:
+    """[CLS] question [SEP] passage window [SEP] features, several windows per long passage.
+
+    Besides the model inputs: start_position/end_position (the first answer's first and last
+    piece, 0 when the window does not contain it or the question has none), example_index [F],
+    offsets [F, S, 2] (character span of each passage piece, -1 elsewhere) and max_context
+    [F, S] for `bertjax.eval.squad.answers`.
+    """
+    rows, starts, ends, example_index, offset_rows, context_rows = [], [], [], [], [], []
+    for index, example in enumerate(examples):
+        question = tokenizer.encode(example.question)[:max_query_length]
+        pieces, piece_spans = [], []
+        words = split_words(example.context)
+        for (_, word_start, _), word_spans in zip(words, _piece_spans(tokenizer, [word for word, _, _ in words])):
+            for piece, start, end in word_spans:
+                pieces.append(piece)
+                piece_spans.append((word_start + start, word_start + end))
+        answer_pieces = None
+        if example.answers and example.answer_starts[0] >= 0:
+            answer_start = example.answer_starts[0]
+            answer_end = answer_start + len(example.answers[0])
+            covered = [i for i, (start, end) in enumerate(piece_spans) if start < answer_end and end > answer_start]
+            if covered:
+                answer_pieces = (covered[0], covered[-1])
+        window_length = max_seq_length - len(question) - 3
+        if window_length <= 0:
+            raise TaskDataError(f"{example.where}: max_seq_length={max_seq_length} leaves no room for the passage after the question")
+        window_starts = [0]
+        while window_starts[-1] + window_length < len(pieces):
+            window_starts.append(window_starts[-1] + doc_stride)
+        for window_start in window_starts:
+            window = pieces[window_start : window_start + window_length]
+            ids, types = _pack(tokenizer, [question, window], max_seq_length)
+            first = len(question) + 2  # position of the window's first piece
+            offsets = np.full((max_seq_length, 2), -1, dtype=np.int32)
+            is_max_context = np.zeros(max_seq_length, dtype=bool)
+            for j in range(len(window)):
+                offsets[first + j] = piece_spans[window_start + j]
+                position = window_start + j
+                best = max(
+                    (other for other in window_starts if other <= position < other + window_length),
+                    key=lambda other: _max_context(other, min(window_length, len(pieces) - other), position),
+                )
+                is_max_context[first + j] = best == window_start
+            start_position = end_position = 0
+            if answer_pieces and window_start <= answer_pieces[0] and answer_pieces[1] < window_start + len(window):
+                start_position, end_position = first + answer_pieces[0] - window_start, first + answer_pieces[1] - window_start
+            rows.append((ids, types))
+            starts.append(start_position)
+            ends.append(end_position)
+            example_index.append(index)
+            offset_rows.append(offsets)
+            context_rows.append(is_max_context)
+    features = _to_arrays(rows, max_seq_length, tokenizer.pad_id)
+    features["start_position"] = np.array(starts, dtype=np.int32)
+    features["end_position"] = np.array(ends, dtype=np.int32)
+    features["example_index"] = np.array(example_index, dtype=np.int32)
+    features["offsets"] = np.stack(offset_rows) if offset_rows else np.zeros((0, max_seq_length, 2), np.int32)
+    features["max_context"] = np.stack(context_rows) if context_rows else np.zeros((0, max_seq_length), bool)
+    return features
