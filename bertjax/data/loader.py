@@ -1,0 +1,123 @@
+"""The grain pipeline from prepared documents to masked pretraining batches (DESIGN.md's batch contract).
+
+train: instance ids -> shuffle (data seed, reshuffled every epoch) -> repeat forever -> tag each with
+its epoch -> this process's slice [process_index::process_count] -> batch -> assemble tokens and mask
+(vectorised per batch) -> prefetch. Every step is a pure function of (seed, epoch, index), so the
+iterator's state is just a position: `it.get_state()` / `it.set_state()` (and grain's orbax
+`CheckpointSave`/`CheckpointRestore`) resume with exactly the next batch.
+
+eval: the held-out documents' instances in order, with fixed masking (masking.MaskingSpec.from_config);
+the last batch is filled up by wrapping around to the first instances so that every batch has the
+same shape; finite and identical on every call.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+
+import grain
+import numpy as np
+
+from bertjax.data import corpus, masking, pretraining
+from bertjax.data import tokenizer as tokenizer_lib
+
+SPLITS = ("train", "eval")
+# Instance tables of the eval split use a fixed seed, so evaluation data is the same for every data seed.
+EVAL_INSTANCE_SEED = masking.EVAL_SEED
+
+log = logging.getLogger(__name__)
+
+
+class BatchBuilder:
+    """Turns a [B, 2] array of (instance id, epoch) into a masked batch."""
+
+    def __init__(self, tokens, instances, max_seq_length: int, tokenizer, masker: masking.Masker):
+        self.tokens = tokens
+        self.instances = instances
+        self.max_seq_length = max_seq_length
+        self.tokenizer = tokenizer
+        self.masker = masker
+
+    def __call__(self, ids_and_epochs: np.ndarray) -> dict[str, np.ndarray]:
+        index, epoch = ids_and_epochs[:, 0], ids_and_epochs[:, 1]
+        batch = pretraining.assemble(self.tokens, self.instances, index, self.max_seq_length, self.tokenizer)
+        batch.update(self.masker(batch["input_ids"], epoch, index))
+        return batch
+
+
+@functools.lru_cache(maxsize=8)
+def _prepared(data_json: str, vocab_size: int | None):
+    """Tokenizer, documents and instance tables of a data config (computed once per process)."""
+    import ml_collections
+
+    config = ml_collections.ConfigDict({"data": json.loads(data_json)})
+    if vocab_size is not None:
+        config.model = ml_collections.ConfigDict({"vocab_size": vocab_size})
+    tokenizer = tokenizer_lib.for_config(config)
+    documents = corpus.prepare(config, tokenizer)
+    data = config.data
+    instances = {}
+    for split in SPLITS:
+        if documents[split].num_documents == 0:
+            continue
+        seed = data.seed if split == "train" else EVAL_INSTANCE_SEED
+        instances[split], report = pretraining.create_instances(
+            documents[split], data.max_seq_length, data.short_seq_prob, data.sentence_objective, seed
+        )
+        log.info("%s instances of %s: %s", split, data.corpus, json.dumps(report))
+    return tokenizer, documents, instances
+
+
+def prepared(config):
+    """(tokenizer, {split: TokenizedDocuments}, {split: Instances}) for `config`."""
+    vocab_size = config.model.vocab_size if "model" in config else None
+    # Masking and prefetching do not change the instances: leave them out of the cache key.
+    data = {key: value for key, value in config.data.to_dict().items() if key not in ("masking", "prefetch", "num_workers")}
+    return _prepared(json.dumps(data, sort_keys=True), vocab_size)
+
+
+def batches(config, split: str = "train", process_index: int | None = None, process_count: int | None = None):
+    """Masked pretraining batches of this process: endless for 'train', finite for 'eval'.
+
+    Each is a dict of int32 arrays: input_ids, token_type_ids, attention_mask [B, S];
+    masked_positions, masked_ids, masked_weights [B, P]; sentence_label [B] (not for objective 'none').
+    B = train.batch_size // process_count.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split={split!r}: choose one of {SPLITS}")
+    if process_index is None or process_count is None:
+        import jax
+
+        process_index = jax.process_index() if process_index is None else process_index
+        process_count = jax.process_count() if process_count is None else process_count
+    if config.train.batch_size % process_count:
+        raise ValueError(f"config.train.batch_size={config.train.batch_size} is not divisible by the {process_count} processes")
+    batch_size = config.train.batch_size // process_count
+    data = config.data
+    tokenizer, documents, instances = prepared(config)
+    if split not in instances:
+        raise ValueError(
+            f"the eval split of {data.corpus!r} is empty: set config.data.eval_fraction > 0 (with at least two documents) "
+            "or config.data.eval_corpus"
+        )
+    table = instances[split]
+    masker = masking.Masker(masking.MaskingSpec.from_config(config, split), tokenizer)
+    build = BatchBuilder(documents[split].tokens, table, data.max_seq_length, tokenizer, masker)
+    count = len(table)
+    if split == "train":
+        dataset = grain.MapDataset.range(count).shuffle(seed=data.seed).repeat()
+        dataset = dataset.map_with_index(lambda step, instance: np.array([instance, step // count], np.int64))
+    else:
+        global_batch = batch_size * process_count
+        padded = -(-count // global_batch) * global_batch
+        if padded != count:
+            log.info("eval: %d instances; the last batch repeats the first %d to keep its shape", count, padded - count)
+        dataset = grain.MapDataset.range(padded).map(lambda i: np.array([i % count, 0], np.int64))
+    dataset = dataset[process_index::process_count]
+    dataset = dataset.batch(batch_size, drop_remainder=True, batch_fn=np.stack).map(build)
+    iter_dataset = dataset.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=max(data.prefetch, 1)))
+    if data.num_workers > 0:
+        iter_dataset = iter_dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=data.num_workers))
+    return iter(iter_dataset)

@@ -1,0 +1,211 @@
+"""Documents -> pretraining instances (segments A/B and a sentence label) -> fixed-shape token arrays.
+
+Instances follow the original BERT's `create_instances_from_document`: sentences are gathered into
+chunks up to a target length (`max_seq_length` minus the special tokens; with probability
+`short_seq_prob` a shorter random target, for every objective so ablation arms differ only in the
+objective), then
+  - 'nsp': A = the chunk's first k sentences; half the time B = the rest (label 0), half the time a
+    segment of a different document (label 1 = random), the unused sentences going back to the pool;
+  - 'sop': A and B as in the real-next case; half the time swapped (label 1 = swapped), as in ALBERT;
+  - 'none': the whole chunk as one segment (RoBERTa's doc-sentences), no label.
+A pair that is too long loses tokens from its longer segment, at the front or the back (seeded).
+
+The instance table is computed once from the token cache and the data seed (cheap: a pass over the
+sentence lengths); an instance is only offsets into the token array, so a batch is assembled with a
+few vectorised gathers (`assemble`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import numpy as np
+
+from bertjax.data.corpus import TokenizedDocuments
+
+OBJECTIVES = ("nsp", "sop", "none")
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Instances:
+    """Per instance: token offsets and lengths of segments A and B (B empty for 'none'), the label,
+    and the documents A and B come from."""
+
+    objective: str
+    a_start: np.ndarray
+    a_length: np.ndarray
+    b_start: np.ndarray
+    b_length: np.ndarray
+    label: np.ndarray
+    a_document: np.ndarray
+    b_document: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.a_start)
+
+
+def num_special_tokens(objective: str) -> int:
+    return 2 if objective == "none" else 3
+
+
+def _split_long_sentences(documents: TokenizedDocuments, max_tokens: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """Sentence offsets and document offsets after cutting sentences longer than `max_tokens` into pieces."""
+    lengths = documents.sentence_lengths
+    pieces = np.maximum(1, -(-lengths // max_tokens))
+    long_count = int((pieces > 1).sum())
+    if long_count == 0:
+        return documents.sentence_offsets, documents.document_offsets, 0
+    starts = np.repeat(documents.sentence_offsets[:-1], pieces) + max_tokens * (
+        np.arange(pieces.sum()) - np.repeat(np.cumsum(pieces) - pieces, pieces)
+    )
+    sentence_offsets = np.concatenate([starts, documents.sentence_offsets[-1:]])
+    piece_offsets = np.concatenate([[0], np.cumsum(pieces)])
+    return sentence_offsets, piece_offsets[documents.document_offsets], long_count
+
+
+def create_instances(
+    documents: TokenizedDocuments, max_seq_length: int, short_seq_prob: float, objective: str, seed: int
+) -> tuple[Instances, dict]:
+    """The instance table of `documents` and a report of what could not be used (and why)."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"config.data.sentence_objective={objective!r}: choose one of {OBJECTIVES}")
+    max_tokens = max_seq_length - num_special_tokens(objective)
+    if max_tokens < 2:
+        raise ValueError(f"config.data.max_seq_length={max_seq_length} leaves no room for two segments")
+    sentence_offsets, document_offsets, long_sentences = _split_long_sentences(documents, max_tokens)
+    lengths = np.diff(sentence_offsets).tolist()
+    starts = sentence_offsets[:-1].tolist()
+    doc_bounds = document_offsets.tolist()
+    num_documents = len(doc_bounds) - 1
+    paired = objective != "none"
+    rng = np.random.default_rng([seed, 0x1A57])
+    rows: list[tuple[int, int, int, int, int, int, int]] = []
+    single_sentence_documents = 0
+    leftover_sentences = 0
+
+    def target_length() -> int:
+        return int(rng.integers(2, max_tokens + 1)) if rng.random() < short_seq_prob else max_tokens
+
+    def segment(first: int, last: int) -> tuple[int, int]:
+        """Token start and length of sentences first..last-1."""
+        return starts[first], sum(lengths[first:last])
+
+    for document in range(num_documents):
+        first, end = doc_bounds[document], doc_bounds[document + 1]
+        if paired and end - first < 2:
+            single_sentence_documents += 1
+            continue
+        target = target_length()
+        chunk_start, chunk_tokens, i = first, 0, first
+        while i < end:
+            chunk_tokens += lengths[i]
+            chunk_end = i + 1
+            full = chunk_tokens >= target
+            if not (full or chunk_end == end) or (paired and full and chunk_end - chunk_start < 2 and chunk_end < end):
+                i += 1
+                continue
+            i += 1
+            if not paired:
+                a_start, a_length = segment(chunk_start, chunk_end)
+                rows.append((a_start, a_length, a_start, 0, 0, document, document))
+            elif chunk_end - chunk_start < 2:
+                leftover_sentences += 1
+            else:
+                a_end = int(rng.integers(chunk_start + 1, chunk_end))
+                a_start, a_length = segment(chunk_start, a_end)
+                if objective == "nsp" and num_documents > 1 and rng.random() < 0.5:
+                    other = int(rng.integers(0, num_documents - 1))
+                    other += other >= document
+                    other_first, other_end = doc_bounds[other], doc_bounds[other + 1]
+                    b_first = int(rng.integers(other_first, other_end))
+                    b_last, b_tokens = b_first, 0
+                    while b_last < other_end and (b_last == b_first or b_tokens < target - a_length):
+                        b_tokens += lengths[b_last]
+                        b_last += 1
+                    b_start, b_length = segment(b_first, b_last)
+                    rows.append((a_start, a_length, b_start, b_length, 1, document, other))
+                    i = a_end  # the real continuation was not used: it starts the next chunk
+                else:
+                    b_start, b_length = segment(a_end, chunk_end)
+                    if objective == "sop" and rng.random() < 0.5:
+                        rows.append((b_start, b_length, a_start, a_length, 1, document, document))
+                    else:
+                        rows.append((a_start, a_length, b_start, b_length, 0, document, document))
+            chunk_start, chunk_tokens = i, 0
+            target = target_length()
+    if not rows:
+        raise ValueError(
+            f"no pretraining instance: {num_documents} documents, {single_sentence_documents} of them with a single "
+            f"sentence (objective {objective!r} needs two sentences in a document)"
+        )
+    table = np.array(rows, np.int64)
+    a_start, a_length, b_start, b_length = _truncate(table[:, 0], table[:, 1], table[:, 2], table[:, 3], max_tokens, rng)
+    instances = Instances(
+        objective=objective,
+        a_start=a_start,
+        a_length=a_length.astype(np.int32),
+        b_start=b_start,
+        b_length=b_length.astype(np.int32),
+        label=table[:, 4].astype(np.int32),
+        a_document=table[:, 5].astype(np.int32),
+        b_document=table[:, 6].astype(np.int32),
+    )
+    report = dict(
+        instances=len(instances),
+        documents=num_documents,
+        sentences=len(lengths),
+        long_sentences_split=long_sentences,
+        single_sentence_documents_unused=single_sentence_documents if paired else 0,
+        trailing_single_sentences_unused=leftover_sentences,
+        label_1_fraction=float(instances.label.mean()) if paired else None,
+    )
+    return instances, report
+
+
+def _truncate(a_start, a_length, b_start, b_length, max_tokens: int, rng):
+    """Trim the longer segment first until A + B fits; each trimmed segment loses its front or its back."""
+    excess = np.maximum(a_length + b_length - max_tokens, 0)
+    longer_a = a_length >= b_length
+    # Remove from the longer side down to the shorter one's length, then alternately from both.
+    gap = np.abs(a_length - b_length)
+    first_pass = np.minimum(excess, gap)
+    rest = excess - first_pass
+    cut_a = np.where(longer_a, first_pass, 0) + (rest + np.where(longer_a, 1, 0)) // 2
+    cut_b = excess - cut_a
+    front_a = rng.random(len(a_start)) < 0.5
+    front_b = rng.random(len(a_start)) < 0.5
+    a_start = a_start + np.where(front_a, cut_a, 0)
+    b_start = b_start + np.where(front_b, cut_b, 0)
+    return a_start, a_length - cut_a, b_start, b_length - cut_b
+
+
+def assemble(tokens: np.ndarray, instances: Instances, index: np.ndarray, max_seq_length: int, tokenizer) -> dict[str, np.ndarray]:
+    """`[CLS] A [SEP] B [SEP]` (or `[CLS] A [SEP]`) for the instances `index`, padded: int32 [B, S]."""
+    a_start = instances.a_start[index][:, None]
+    a_length = instances.a_length[index][:, None].astype(np.int64)
+    b_start = instances.b_start[index][:, None]
+    b_length = instances.b_length[index][:, None].astype(np.int64)
+    paired = instances.objective != "none"
+    position = np.arange(max_seq_length)[None, :]
+    in_a = (position >= 1) & (position <= a_length)
+    b_first = a_length + 2
+    in_b = (position >= b_first) & (position < b_first + b_length)
+    source = np.where(in_a, a_start + position - 1, b_start + position - b_first)
+    source = np.where(in_a | in_b, source, 0)
+    input_ids = np.where(in_a | in_b, tokens[source], tokenizer.pad_id)
+    total = a_length + 2 + (b_length + 1 if paired else 0)
+    input_ids[:, 0] = tokenizer.cls_id
+    input_ids = np.where(position == a_length + 1, tokenizer.sep_id, input_ids)
+    if paired:
+        input_ids = np.where(position == total - 1, tokenizer.sep_id, input_ids)
+    batch = dict(
+        input_ids=input_ids.astype(np.int32),
+        token_type_ids=((position >= b_first) & (position < total)).astype(np.int32),
+        attention_mask=(position < total).astype(np.int32),
+    )
+    if paired:
+        batch["sentence_label"] = instances.label[index].astype(np.int32)
+    return batch
