@@ -169,6 +169,10 @@ def pretrain_config(size: str = "tiny") -> ml_collections.ConfigDict:
             log_every=20,
             grad_accum_steps=1,
             inject_nan_at_step=-1,  # for fault tests: make the loss NaN at this step
+            # Steps this invocation may take before it checkpoints and exits (0: up to total_steps):
+            # a long run split into scheduler-sized jobs, each resuming where the last stopped.
+            run_steps=0,
+            peak_tflops=0.0,  # per device, for MFU; 0 = known from the device kind (none for a CPU)
             progress=True,
         )
     )
