@@ -36,6 +36,8 @@ def _parse_config_flags(verb: str, argv: list[str], default_config: str | None, 
         help_string="Config file and argument, `path/to/file.py:arg`; override keys with --config.KEY=VALUE.",
         flag_values=flag_values,
         lock_config=True,
+        # The overrides are read from this argv, not sys.argv, so that cli.main([...]) applies them.
+        sys_argv=[f"bertjax {verb}"] + list(argv),
     )
     if define_extra:
         define_extra(flag_values)
