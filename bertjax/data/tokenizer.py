@@ -44,6 +44,12 @@ class TokenizerError(ValueError):
     """A tokenizer file or training input that cannot be used; the message names the file."""
 
 
+def _check_special_tokens(path, pieces) -> None:
+    missing = [token for token in SPECIAL_TOKENS if token not in pieces]
+    if missing:
+        raise TokenizerError(f"tokenizer {path} lacks the special tokens {missing}; BERT needs {list(SPECIAL_TOKENS)}")
+
+
 def split_cjk(text: str) -> str:
     """Surround every CJK ideograph with spaces so each becomes a word of its own."""
     return _CJK_CHAR.sub(r" \1 ", text)
@@ -59,9 +65,7 @@ class Tokenizer:
         self.path = str(path)
         self.pieces = pieces
         index = {piece: i for i, piece in enumerate(pieces)}
-        missing = [token for token in SPECIAL_TOKENS if token not in index]
-        if missing:
-            raise TokenizerError(f"tokenizer {path} lacks the special tokens {missing}; BERT needs {list(SPECIAL_TOKENS)}")
+        _check_special_tokens(path, index)
         self.pad_id, self.unk_id, self.cls_id, self.sep_id, self.mask_id = (index[t] for t in SPECIAL_TOKENS)
         self.special_ids = tuple(sorted({index[t] for t in SPECIAL_TOKENS} | set(self._extra_special_ids())))
         self.is_special = np.zeros(len(pieces), np.bool_)
@@ -210,6 +214,7 @@ class WordPieceTokenizer(Tokenizer):
         if path.suffix == ".json":
             self.backend = tokenizers.Tokenizer.from_file(str(path))
         else:
+            _check_special_tokens(path, path.read_text(encoding="utf-8", errors="replace").splitlines())
             self.backend = tokenizers.BertWordPieceTokenizer(str(path), lowercase=_do_lower_case(path.parent))
         vocab = self.backend.get_vocab()
         pieces = [""] * (max(vocab.values()) + 1)

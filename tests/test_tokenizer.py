@@ -1,0 +1,147 @@
+"""Tokenizer: special ids, batch encoding of singles and pairs, CJK, byte fallback, WordPiece as transformers does."""
+
+import logging
+
+import numpy as np
+import pytest
+
+from bertjax import cli
+from bertjax.data import tokenizer as tokenizer_lib
+
+WORDS = "the whale ship sea captain harpoon white sailor deck storm wind boat oil night water mast rope".split()
+
+
+def english_text(lines=400, seed=0):
+    rng = np.random.default_rng(seed)
+    sentences = []
+    for _ in range(lines):
+        words = rng.choice(WORDS, size=rng.integers(4, 12))
+        sentences.append(" ".join(words).capitalize() + ".")
+    return "\n".join(sentences) + "\n貓追狗。貓追老鼠。狗追貓。" * 40 + "\n"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("tok")
+    text_file = directory / "text.txt"
+    text_file.write_text(english_text(), encoding="utf-8")
+    return tokenizer_lib.load(tokenizer_lib.train([str(text_file)], 400, str(directory / "out")))
+
+
+def test_special_tokens_have_fixed_ids(trained):
+    assert (trained.pad_id, trained.unk_id, trained.cls_id, trained.sep_id, trained.mask_id) == (0, 1, 2, 3, 4)
+    assert set(trained.special_ids) == {0, 1, 2, 3, 4}
+    assert [trained.id_to_piece(i) for i in range(5)] == ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    assert trained.vocab_size <= 400 and trained.word_start.shape == (trained.vocab_size,)
+    # "[MASK]" typed in text is the mask token (as in BERT), not letters.
+    assert trained.mask_id in trained.encode("the [MASK] whale")
+
+
+def test_encode_batch_single_and_pair(trained):
+    single = trained.encode_batch(["the whale", "the white whale ship sails"], max_length=16)
+    a, b = trained.encode("the whale"), trained.encode("the white whale ship sails")
+    assert single["input_ids"].shape == (2, len(b) + 2)
+    for key in single:
+        assert single[key].dtype == np.int32
+    np.testing.assert_array_equal(single["input_ids"][0, : len(a) + 2], [2, *a, 3])
+    assert (single["input_ids"][0, len(a) + 2 :] == 0).all()
+    np.testing.assert_array_equal(single["attention_mask"][0], np.arange(len(b) + 2) < len(a) + 2)
+    assert (single["token_type_ids"] == 0).all()
+    pair = trained.encode_batch(["the whale"], pairs=["sea storm"], max_length=32, padding="max_length")
+    c = trained.encode("sea storm")
+    expected = [2, *a, 3, *c, 3]
+    assert pair["input_ids"].shape == (1, 32)
+    np.testing.assert_array_equal(pair["input_ids"][0, : len(expected)], expected)
+    np.testing.assert_array_equal(pair["token_type_ids"][0, : len(expected)], [0] * (len(a) + 2) + [1] * (len(c) + 1))
+    assert pair["attention_mask"].sum() == len(expected)
+
+
+def test_truncation_longest_first(trained):
+    long_text = " ".join(["whale"] * 50)
+    short_text = "sea"
+    out = trained.encode_batch([long_text], pairs=[short_text], max_length=12)
+    ids = out["input_ids"][0]
+    assert len(ids) == 12 and ids[-1] == 3
+    # The short segment is kept whole; the long one gives way.
+    sea = trained.encode(short_text)
+    np.testing.assert_array_equal(ids[-1 - len(sea) : -1], sea)
+    with pytest.raises(ValueError, match="row 0"):
+        trained.encode_batch([long_text], max_length=12, truncation=False)
+
+
+def test_chinese_characters_are_pieces_and_padding_is_masked(trained):
+    out = trained.encode_batch(["貓追狗", "貓追老鼠"])
+    pieces = [[trained.id_to_piece(i) for i in row if i not in trained.special_ids] for row in out["input_ids"]]
+    assert [p.strip("\u2581") for p in pieces[0] if p.strip("\u2581")] == ["貓", "追", "狗"]
+    assert out["input_ids"].shape[0] == 2 and out["input_ids"][0, -1] == trained.pad_id
+    assert out["attention_mask"][0, -1] == 0 and out["attention_mask"][1].all()
+    assert trained.decode(trained.encode("貓追狗")) == "貓追狗"
+
+
+def test_byte_fallback_and_decode(trained):
+    text = "the whale 😀 Ω"
+    ids = trained.encode(text)
+    assert trained.unk_id not in ids
+    assert trained.decode(ids) == text
+    assert any(trained.id_to_piece(i).startswith("<0x") for i in ids)
+
+
+def test_word_start_marks_first_pieces(trained):
+    ids = trained.encode("harpooneers whaleship")
+    starts = trained.word_start[ids]
+    assert starts[0] and starts.sum() == 2
+
+
+def test_save_and_load(trained, tmp_path):
+    path = trained.save(tmp_path / "copy")
+    again = tokenizer_lib.load(path)
+    assert again.encode("the white whale") == trained.encode("the white whale")
+    assert tokenizer_lib.load(tmp_path / "copy").vocab_size == trained.vocab_size
+
+
+def test_cli_train_and_bpe(tmp_path, capsys):
+    text_file = tmp_path / "a.txt"
+    text_file.write_text(english_text(200, seed=1), encoding="utf-8")
+    cli.main(["tokenizer", "train", "--input", str(text_file), "--vocab-size", "350", "--out", str(tmp_path / "bpe"), "--model-type", "bpe"])
+    path = capsys.readouterr().out.strip().splitlines()[-1]
+    tok = tokenizer_lib.load(path)
+    assert tok.mask_id == 4 and tok.decode(tok.encode("the white whale")) == "the white whale"
+
+
+def test_bad_inputs(tmp_path, caplog):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    with pytest.raises(tokenizer_lib.TokenizerError, match="no text"):
+        tokenizer_lib.train([str(empty)], 400, str(tmp_path / "e"))
+    with pytest.raises(tokenizer_lib.TokenizerError, match="too small"):
+        tokenizer_lib.train([str(empty)], 100, str(tmp_path / "e"))
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes(english_text(200).encode("utf-8") + "caf\xe9 na\xefve\n".encode("latin-1"))
+    with caplog.at_level(logging.WARNING):
+        tokenizer_lib.train([str(latin1)], 350, str(tmp_path / "l"))
+    assert any("latin1.txt is not valid UTF-8" in r.message and "replaced 2" in r.message for r in caplog.records)
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("[PAD]\n[UNK]\n[CLS]\nthe\nwhale\n")
+    with pytest.raises(tokenizer_lib.TokenizerError, match=r"lacks the special tokens \['\[SEP\]', '\[MASK\]'\]"):
+        tokenizer_lib.load(vocab)
+    with pytest.raises(tokenizer_lib.TokenizerError, match="does not exist"):
+        tokenizer_lib.load(tmp_path / "missing.model")
+
+
+def test_wordpiece_vocab_tokenizes_as_transformers(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    pieces = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "whale", "white", "sea", "##s", "##ing", "sail", ",", ".", "!", "貓", "追", "狗", "harp", "##oon", "##er", "é"]
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(pieces) + "\n")
+    ours = tokenizer_lib.load(vocab)
+    theirs = transformers.BertTokenizer(str(vocab), do_lower_case=True)
+    assert (ours.pad_id, ours.cls_id, ours.sep_id, ours.mask_id) == (0, 2, 3, 4)
+    texts = ["The White whales, sailing!", "Harpooners sail the SEA.", "貓追狗 unknownword"]
+    pairs = ["whales sail.", "the sea", "狗"]
+    for text in texts:
+        assert ours.encode(text) == theirs.encode(text, add_special_tokens=False)
+    expected = theirs(texts, pairs, max_length=10, truncation="longest_first", padding="longest", return_tensors="np")
+    got = ours.encode_batch(texts, pairs=pairs, max_length=10)
+    for key in ("input_ids", "token_type_ids", "attention_mask"):
+        np.testing.assert_array_equal(got[key], expected[key])
+    assert ours.word_start[ours.encode("harpooner")].tolist() == [True, False, False]
