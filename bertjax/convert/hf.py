@@ -29,7 +29,7 @@ from bertjax.models import BertConfig, BertForPreTraining
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_INDEX_FILE = "model.safetensors.index.json"  # a checkpoint sharded over several files
-VOCAB_FILE = "vocab.txt"
+TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
 # Tensors HF writes that hold no parameter (the position-id buffer of older versions).
@@ -280,6 +280,7 @@ def save(model: BertForPreTraining, variables: dict, out_dir: str | pathlib.Path
 
 
 def is_hf_dir(path: pathlib.Path) -> bool:
+    """Whether `path` looks like a HF checkpoint directory (a config.json with a model_type, or HF weight files)."""
     if not (path / CONFIG_FILE).exists():
         return False
     return "model_type" in json.loads((path / CONFIG_FILE).read_text()) or any(
@@ -287,10 +288,22 @@ def is_hf_dir(path: pathlib.Path) -> bool:
     )
 
 
+def copy_tokenizer_files(source_dir: pathlib.Path, target_dir: pathlib.Path) -> list[str]:
+    """Copy the WordPiece tokenizer files (those HF's BertTokenizer and bertjax both read) that exist."""
+    copied = [name for name in TOKENIZER_FILES if (source_dir / name).exists()]
+    if copied:
+        target_dir.mkdir(parents=True, exist_ok=True)
+    for name in copied:
+        shutil.copy(source_dir / name, target_dir / name)
+    return copied
+
+
 def convert(source: str, target: str) -> str:
     """`bertjax convert`: a HF directory becomes a bertjax workdir; a bertjax workdir (or WORKDIR:STEP) a HF directory.
 
-    A WordPiece vocab.txt travels along. Returns a line saying what was written.
+    A WordPiece tokenizer (vocab.txt, tokenizer.json and their configs) travels along, into and out of
+    WORKDIR/tokenizer; a sentencepiece tokenizer has no HF BERT form and stays behind. Returns a line
+    saying what was written.
     """
     from bertjax.train import checkpoints
 
@@ -298,20 +311,21 @@ def convert(source: str, target: str) -> str:
     if target_dir.exists() and any(target_dir.iterdir()):
         raise FileExistsError(f"--to {target_dir} exists and is not empty")
     source_dir = pathlib.Path(source)
-    if source_dir.is_dir() and is_hf_dir(source_dir):
+    if source_dir.is_dir() and checkpoints.is_huggingface_dir(source_dir):
         _, variables = load(source_dir)
         config = config_lib.pretrain_config()
         config.model = read_config(source_dir)
         config.data.max_seq_length = min(config.data.max_seq_length, config.model.max_position_embeddings)
-        if (source_dir / VOCAB_FILE).exists():
-            target_dir.mkdir(parents=True, exist_ok=True)
-            config.data.tokenizer = str(shutil.copy(source_dir / VOCAB_FILE, target_dir / VOCAB_FILE))
+        tokenizer_dir = target_dir.absolute() / checkpoints.TOKENIZER
+        copied = copy_tokenizer_files(source_dir, tokenizer_dir)
+        if copied:
+            config.data.tokenizer = str(tokenizer_dir)
         checkpoints.save_params(target_dir, config, variables["params"])
-        return f"wrote bertjax workdir {target_dir} from HuggingFace checkpoint {source_dir}"
+        return f"wrote bertjax workdir {target_dir} from HuggingFace checkpoint {source_dir} (tokenizer files: {copied or 'none'})"
     config, params = checkpoints.load_params(source)
-    model = BertForPreTraining(BertConfig.from_config(config.model))
-    save(model, {"params": params}, target_dir)
-    tokenizer = pathlib.Path(config.data.tokenizer) if config.data.get("tokenizer") else None
-    if tokenizer is not None and tokenizer.name == VOCAB_FILE and tokenizer.exists():
-        shutil.copy(tokenizer, target_dir / VOCAB_FILE)
-    return f"wrote HuggingFace checkpoint {target_dir} from bertjax {source}"
+    save(BertForPreTraining(BertConfig.from_config(config.model)), {"params": params}, target_dir)
+    try:
+        copied = copy_tokenizer_files(checkpoints.tokenizer_path(source), target_dir)
+    except FileNotFoundError:
+        copied = []
+    return f"wrote HuggingFace checkpoint {target_dir} from bertjax {source} (tokenizer files: {copied or 'none'})"
