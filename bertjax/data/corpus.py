@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import functools
 import glob
 import hashlib
 import json
@@ -59,6 +60,7 @@ _HEADING = re.compile(r"^(CHAPTER|Chapter|BOOK|Book|PART|Part|VOLUME|Volume|SECT
 _WIKITEXT_TITLE = re.compile(r"^ = [^=].* = $")
 _WIKITEXT_HEADING = re.compile(r"^ = = .* = = $")
 _GUTENBERG_START = re.compile(r"^\*\*\* ?START OF (THIS|THE) PROJECT GUTENBERG.*$", re.MULTILINE)
+_GUTENBERG_END_LINE = re.compile(r"^End of (the )?Project Gutenberg", re.IGNORECASE)
 _GUTENBERG_END = re.compile(r"^\*\*\* ?END OF (THIS|THE) PROJECT GUTENBERG.*$", re.MULTILINE)
 
 
@@ -143,8 +145,11 @@ def _paragraphs_format(text: str, name: str) -> list[Document]:
         log.info("%s: removed the Project Gutenberg header%s", name, " and footer" if end else "")
     documents: list[Document] = [[]]
     for block in _blocks(text):
-        if len(block) == 1 and _HEADING.match(block[0].strip()):
+        # A heading is a short block (its title may take a second line) starting with a heading word.
+        if len(block) <= 2 and _HEADING.match(block[0].strip()):
             documents.append([])
+            continue
+        if _GUTENBERG_END_LINE.match(block[0]):
             continue
         documents[-1].extend(split_sentences(" ".join(block)))
     return [document for document in documents if document]
@@ -250,15 +255,19 @@ class Corpus:
         stats = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in self.files()]
         return [self.spec if self.spec == PYTHON_DOCS else "files", self.corpus_format, sys.version if self.spec == PYTHON_DOCS else "", stats]
 
-    def documents(self) -> Iterator[Document]:
-        """Every non-empty document, in a fixed order; raises CorpusError when there is none."""
-        count = 0
-        for document in self._documents():
-            if document:
-                count += 1
-                yield document
-        if count == 0:
+    def documents(self) -> list[Document]:
+        """Every non-empty document, in a fixed order; raises CorpusError when there is none.
+
+        Local text is read once per process (training a tokenizer and preparing the token cache both
+        need it); the key includes the files' sizes and modification times.
+        """
+        if self.spec.startswith("tfds:"):
+            documents = [d for d in self._documents() if d]
+        else:
+            documents = _cached_documents(self, json.dumps(self.fingerprint()))
+        if not documents:
             raise CorpusError(f"{self.description} holds no text (empty files?)")
+        return documents
 
     def _documents(self) -> Iterator[Document]:
         if self.spec.startswith("tfds:"):
@@ -287,6 +296,11 @@ class Corpus:
     def sentences(self) -> Iterator[str]:
         for document in self.documents():
             yield from document
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_documents(corpus: Corpus, fingerprint: str) -> list[Document]:
+    return [document for document in corpus._documents() if document]
 
 
 def cache_root(config) -> pathlib.Path:
@@ -362,6 +376,13 @@ def _builder_class():
 
         VERSION = tfds.core.Version(PREPARED_VERSION)
 
+        # TFDS looks for checksum files beside a builder's source; this one downloads nothing, and
+        # resolving its module's path fails for some installs (editable, namespace packages).
+        @tfds.core.utils.classproperty
+        @classmethod
+        def code_path(cls):
+            return None
+
         def __init__(self, *, splits=None, **kwargs):
             self._records_by_split = splits or {}
             super().__init__(**kwargs)
@@ -423,13 +444,13 @@ def prepare(config, tokenizer) -> dict[str, TokenizedDocuments]:
 
 
 def _build(directory: pathlib.Path, train_corpus: Corpus, eval_corpus: Corpus | None, eval_fraction: float, tokenizer) -> None:
-    documents = list(train_corpus.documents())
+    documents = train_corpus.documents()
     if eval_corpus is None:
         held_out = _eval_choice(documents, eval_fraction)
         train_documents = [d for d, h in zip(documents, held_out) if not h]
         eval_documents = [d for d, h in zip(documents, held_out) if h]
     else:
-        train_documents, eval_documents = documents, list(eval_corpus.documents())
+        train_documents, eval_documents = documents, eval_corpus.documents()
     splits = {
         "train": tokenize_documents(train_documents, tokenizer, f"{train_corpus.description} (train)"),
         "eval": tokenize_documents(eval_documents, tokenizer, "eval documents"),

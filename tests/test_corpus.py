@@ -1,0 +1,170 @@
+"""Corpora: formats (BERT sentences, documents, Gutenberg paragraphs, WikiText), auto-detection, bad input, caching."""
+
+import logging
+
+import numpy as np
+import pytest
+
+from bertjax import config as config_lib
+from bertjax.data import corpus
+from bertjax.data import tokenizer as tokenizer_lib
+
+GUTENBERG = (
+    "\ufeffThe Project Gutenberg EBook of A Test, by Nobody\r\n\r\nLicence text here.\r\n\r\n"
+    "*** START OF THIS PROJECT GUTENBERG EBOOK A TEST ***\r\n\r\n"
+    "CHAPTER 1. The Start.\r\n\r\nIt was a dark night. The ship rolled\r\nand the men slept.\r\n\r\n"
+    "Mr. Starbuck woke up! Was it morning?\r\n\r\n"
+    "CHAPTER 2. The End.\r\n\r\nThe whale\r\nswam away. Nobody saw it.\r\n\r\n"
+    "*** END OF THIS PROJECT GUTENBERG EBOOK A TEST ***\r\n\r\nMore licence text. Donate.\r\n"
+)
+WIKITEXT = (
+    " \n = Homarus gammarus = \n \n Homarus gammarus is a lobster . It lives in the sea . \n"
+    " \n = = Description = = \n \n It is blue . \n \n = Second article = \n \n Another text here . Second sentence . \n"
+)
+
+
+def test_sentences_and_documents_formats():
+    assert corpus.parse("A b.\nC d.\n\n\nE f.\n", "sentences") == [["A b.", "C d."], ["E f."]]
+    assert corpus.parse("One. Two!\nThree?\n", "documents") == [["One.", "Two!"], ["Three?"]]
+    with pytest.raises(corpus.CorpusError, match="corpus_format='xml'"):
+        corpus.parse("text", "xml")
+
+
+def test_sentence_splitting_respects_abbreviations():
+    assert corpus.split_sentences("Mr. Smith went\nhome. He slept (soundly). \"Yes,\" she said. 3 more.") == [
+        "Mr. Smith went home.",
+        "He slept (soundly).",
+        '"Yes," she said.',
+        "3 more.",
+    ]
+
+
+def test_gutenberg_header_footer_removed_and_chapters_are_documents(tmp_path):
+    path = tmp_path / "book.txt"
+    path.write_bytes(GUTENBERG.encode("utf-8"))
+    text = corpus.read_text(path)
+    assert "\r" not in text and not text.startswith("\ufeff")
+    assert corpus.detect_format(text) == "paragraphs"
+    documents = corpus.parse(text, "auto", str(path))
+    assert documents == [
+        ["It was a dark night.", "The ship rolled and the men slept.", "Mr. Starbuck woke up!", "Was it morning?"],
+        ["The whale swam away.", "Nobody saw it."],
+    ]
+
+
+def test_wikitext_articles_are_documents():
+    assert corpus.detect_format(WIKITEXT) == "wikitext"
+    assert corpus.parse(WIKITEXT, "auto") == [
+        ["Homarus gammarus is a lobster .", "It lives in the sea .", "It is blue ."],
+        ["Another text here .", "Second sentence ."],
+    ]
+
+
+def test_auto_detects_sentences_and_documents():
+    assert corpus.detect_format("One sentence.\nAnother one.\n\nA new document.\n") == "sentences"
+    assert corpus.detect_format("A whole document. With two sentences.\nAnother document.\n") == "documents"
+    assert corpus.detect_format("A hard-wrapped paragraph that\ngoes on over lines and\nends here.\n\nAnother paragraph\nof text.\n") == "paragraphs"
+
+
+def test_real_corpora_are_detected_and_split(shared_data):
+    moby = corpus.read_text(shared_data / "corpus" / "moby-dick.txt")
+    assert corpus.detect_format(moby) == "paragraphs"
+    chapters = corpus.parse(moby, "auto")
+    assert 130 <= len(chapters) <= 150  # 135 chapters, the epilogue, etymology/extracts
+    assert not any("End of Project Gutenberg" in s or "*** START" in s for d in chapters for s in d)
+    assert any(d[0].startswith("Call me Ishmael") for d in chapters)  # chapter 1 is a document of its own
+    wiki = corpus.read_text(shared_data / "corpus" / "wikitext-2-valid.tokens.txt")
+    articles = corpus.parse(wiki, "auto")
+    assert len(articles) == 60 and articles[0][0].startswith("Homarus gammarus , known as the European lobster")
+
+
+def test_bad_input_is_reported(tmp_path, caplog):
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"Good text here.\nCaf\xe9 and na\xefve.\n")
+    with caplog.at_level(logging.WARNING):
+        assert corpus.read_text(bad) == "Good text here.\nCaf\ufffd and na\ufffdve.\n"
+    assert any(str(bad) in r.message and "replaced 2" in r.message for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        documents = corpus.parse("Line one.\nLine two.\nLine three.\n", "sentences", "flat.txt")
+    assert documents == [["Line one.", "Line two.", "Line three."]]
+    assert any("flat.txt has no blank line" in r.message and "ONE document of 3 sentences" in r.message for r in caplog.records)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n \n")
+    with pytest.raises(corpus.CorpusError, match="holds no text"):
+        corpus.Corpus(str(empty)).documents()
+    with pytest.raises(corpus.CorpusError, match="matches no file"):
+        corpus.Corpus(str(tmp_path / "nothing*.txt")).files()
+    with pytest.raises(corpus.CorpusError, match="config.data.corpus is empty"):
+        corpus.Corpus("").files()
+
+
+def test_python_docs_corpus_reads_docstrings():
+    files = corpus._python_docs_files()
+    assert len(files) > 100 and not any("test" in f.parts for f in files)
+    json_module = next(f for f in files if f.parts[-2:] == ("json", "__init__.py"))
+    sentences = corpus._python_docs_document(json_module)
+    assert any("JSON" in s for s in sentences) and not any(s.startswith(">>>") for s in sentences)
+
+
+def small_config(tmp_path, text_files, **data):
+    config = config_lib.pretrain_config("tiny")
+    config.model.vocab_size = 400
+    config.data.corpus = ",".join(str(f) for f in text_files)
+    config.data.data_dir = str(tmp_path / "cache")
+    config.data.eval_fraction = 0.2
+    config.data.update(data)
+    return config
+
+
+def write_corpus(path, documents=20, seed=0):
+    rng = np.random.default_rng(seed)
+    words = "sea whale ship captain storm night oil boat mast rope deck".split()
+    blocks = []
+    for _ in range(documents):
+        blocks.append("\n".join(" ".join(rng.choice(words, size=rng.integers(3, 9))).capitalize() + "." for _ in range(rng.integers(2, 6))))
+    path.write_text("\n\n".join(blocks) + "\n")
+    return path
+
+
+def test_prepare_tokenizes_once_caches_and_holds_out_documents(tmp_path, caplog):
+    text_file = write_corpus(tmp_path / "corpus.txt")
+    config = small_config(tmp_path, [text_file])
+    tok = tokenizer_lib.for_config(config)
+    assert str(tmp_path / "cache" / "tokenizers") in tok.path
+    prepared = corpus.prepare(config, tok)
+    documents = corpus.parse(corpus.read_text(text_file), "auto")
+    assert prepared["train"].num_documents + prepared["eval"].num_documents == len(documents) == 20
+    assert prepared["eval"].num_documents == 4
+    # The cache holds the token ids of each sentence, in corpus order.
+    train_texts = {" ".join(d) for d in documents}
+    for split in ("train", "eval"):
+        docs = prepared[split]
+        for d in range(docs.num_documents):
+            sentences = [
+                tok.decode(docs.tokens[docs.sentence_offsets[s] : docs.sentence_offsets[s + 1]])
+                for s in range(docs.document_offsets[d], docs.document_offsets[d + 1])
+            ]
+            assert " ".join(sentences) in train_texts
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        again = corpus.prepare(config, tok)
+        assert tokenizer_lib.for_config(config).path == tok.path
+    assert any("reusing the prepared" in r.message for r in caplog.records)
+    assert any("reusing the tokenizer" in r.message for r in caplog.records)
+    np.testing.assert_array_equal(again["train"].tokens, prepared["train"].tokens)
+    # A changed file is prepared anew.
+    write_corpus(text_file, documents=25, seed=1)
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        changed = corpus.prepare(config, tok)
+    assert not any("reusing the prepared" in r.message for r in caplog.records)
+    assert changed["train"].num_documents + changed["eval"].num_documents == 25
+
+
+def test_separate_eval_corpus(tmp_path):
+    train_file = write_corpus(tmp_path / "train.txt", documents=10)
+    eval_file = write_corpus(tmp_path / "eval.txt", documents=3, seed=2)
+    config = small_config(tmp_path, [train_file], eval_corpus=str(eval_file))
+    prepared = corpus.prepare(config, tokenizer_lib.for_config(config))
+    assert (prepared["train"].num_documents, prepared["eval"].num_documents) == (10, 3)
