@@ -245,3 +245,9 @@ def test_config_from_pretrain_config():
     assert (cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.intermediate_size, cfg.dtype) == (12, 768, 12, 3072, "bfloat16")
     with pytest.raises(KeyError, match="hidden_size"):
         models.BertConfig.from_config({"vocab_size": 10, "num_layers": 1, "num_heads": 1, "intermediate_size": 4})
+
+
+def test_cudnn_attention_asks_for_bfloat16():
+    model = models.BertForPreTraining(tiny_config(attention_implementation="cudnn"))
+    with pytest.raises(ValueError, match="model.dtype='bfloat16'"):
+        model.init(jax.random.key(0), *batch())

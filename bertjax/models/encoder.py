@@ -184,6 +184,11 @@ class SelfAttention(nn.Module):
         query, key, value = (projection(name)(x) for name in ("query", "key", "value"))  # [B, S, N, D]
         dropout_active = not deterministic and cfg.attention_dropout > 0.0
         if cfg.attention_implementation == "cudnn":
+            if cfg.compute_dtype != jnp.bfloat16:
+                raise ValueError(
+                    f"model.attention_implementation='cudnn' needs model.dtype='bfloat16' (got {cfg.dtype!r}): "
+                    "cuDNN's fused attention has no float32 kernel"
+                )
             lengths = attention_mask.sum(axis=-1).astype(jnp.int32)
             context = jax.nn.dot_product_attention(
                 query, key, value, query_seq_lengths=lengths, key_value_seq_lengths=lengths, implementation="cudnn"
