@@ -1,0 +1,574 @@
+"""Fine-tuning on a downstream task, over several seeds, and prediction with the result.
+
+  train_and_evaluate(config, workdir)   one run per seed in WORKDIR/seed_K/, then WORKDIR/results.json
+  predict(workdir, lines)               one prediction string per input line
+
+A run reads top to bottom: seeds, tokenizer, data, model, (pretrained) parameters, then per seed
+the state, the step, the loop with dev evaluation every `train.eval_every` steps and at the end
+(the best step's parameters are kept and saved), and finally the spread over seeds.
+
+WORKDIR holds config.json (the config as run: model = the checkpoint's), labels.json (label
+strings in id order), tokenizer/, results.json, and seed_K/{config.json, metrics.jsonl,
+tensorboard/, checkpoints/BEST_STEP, result.json}. A seed whose result.json exists is not rerun.
+
+Regimes (config.finetune.regime): 'full' trains everything; 'freeze_bottom' freezes the embeddings
+and the lowest `freeze_layers` layers; 'features' freezes the encoder and trains a new head on
+`finetune.features` ('last', 'sum_last4', 'concat_last4', 'scalar_mix'). Frozen parameters get no
+update and no optimizer state (`optim.create(frozen=...)`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import pathlib
+from collections.abc import Iterable, Iterator
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import tqdm
+from flax import linen as nn
+from flax import traverse_util
+
+from bertjax import config as config_lib
+from bertjax import models
+from bertjax.data import tasks
+from bertjax.data import tokenizer as tokenizer_lib
+from bertjax.eval import metrics as metrics_lib
+from bertjax.eval import squad
+from bertjax.models.heads import BertForTask
+from bertjax.train import checkpoints, optim, partitioning
+from bertjax.train import metrics as writers
+from bertjax.train import state as state_lib
+
+log = logging.getLogger(__name__)
+
+LABELS_FILE = "labels.json"
+RESULTS_FILE = "results.json"
+SEED_RESULT_FILE = "result.json"
+# What the model and the loss read from a batch; the rest of the features (offsets, word positions)
+# stay on the host for decoding.
+MODEL_INPUTS = ("input_ids", "token_type_ids", "attention_mask")
+TARGETS = {"single": ("label",), "pair": ("label",), "tagging": ("tag_ids",), "span": ("start_position", "end_position")}
+
+
+def seed_list(seeds, base_seed: int) -> list[int]:
+    """config.seeds: N -> [base, ..., base + N - 1]; a list or tuple is taken as it is."""
+    if isinstance(seeds, (list, tuple)):
+        return [int(seed) for seed in seeds]
+    if not isinstance(seeds, int) or seeds < 1:
+        raise config_lib.ConfigError(f"config.seeds={seeds!r}: give a positive count or a list of seeds")
+    return [base_seed + offset for offset in range(seeds)]
+
+
+# --------------------------------------------------------------------------------------------- tokenizer
+
+
+def _record_texts(records) -> Iterator[str]:
+    for record in records:
+        if isinstance(record, tasks.TextExample):
+            yield from record.texts
+        elif isinstance(record, tasks.TaggedSentence):
+            yield " ".join(record.words)
+        else:
+            yield record.question
+            yield record.context
+
+
+def _tokenizer(config, workdir: pathlib.Path, train_records) -> tuple[tokenizer_lib.Tokenizer, bool]:
+    """The init_from run's tokenizer, else data.tokenizer, else one trained on the task's train text.
+
+    Returns (tokenizer, whether it is the checkpoint's own) and saves it in WORKDIR/tokenizer.
+    """
+    if config.init_from:
+        try:
+            tok = tokenizer_lib.load(checkpoints.tokenizer_path(config.init_from))
+            own = True
+        except (FileNotFoundError, tokenizer_lib.TokenizerError):
+            if not config.data.tokenizer:
+                raise
+            tok, own = tokenizer_lib.load(config.data.tokenizer), False
+    elif config.data.tokenizer:
+        tok, own = tokenizer_lib.load(config.data.tokenizer), False
+    else:
+        path = tokenizer_lib.train_from_sentences(
+            _record_texts(train_records), config.model.vocab_size, workdir / checkpoints.TOKENIZER, description=f"{config.data.train} (task train text)"
+        )
+        tok, own = tokenizer_lib.load(path), True
+    tok = tokenizer_lib.load(tok.save(workdir / checkpoints.TOKENIZER))
+    return tok, own
+
+
+# --------------------------------------------------------------------------------------------- data
+
+
+@dataclasses.dataclass
+class Split:
+    records: list
+    features: dict[str, np.ndarray]
+
+    def __len__(self) -> int:
+        return len(self.features["input_ids"])
+
+
+def _subset(records: list, limit: int, seed: int) -> list:
+    """`limit` records drawn at random (in file order) when 0 < limit < len(records)."""
+    if not 0 < limit < len(records):
+        return records
+    keep = np.sort(np.random.default_rng(seed).choice(len(records), size=limit, replace=False))
+    return [records[i] for i in keep]
+
+
+def encode(config, tokenizer, records, labels: tasks.Labels | None) -> dict[str, np.ndarray]:
+    """Model features of records; records without labels (prediction) get no targets."""
+    data, family = config.data, config.task.family
+    if family == "tagging":
+        return tasks.encode_tagging(tokenizer, records, data.max_seq_length, labels)
+    if family == "span":
+        return tasks.encode_squad(tokenizer, records, data.max_seq_length, data.doc_stride, data.max_query_length)
+    if records and records[0].label is None:
+        return tasks.encode_texts(tokenizer, [record.texts for record in records], data.max_seq_length)
+    return tasks.encode_classification(tokenizer, records, data.max_seq_length, None if config.task.regression else labels)
+
+
+def _labels(config, train_records) -> tasks.Labels | None:
+    if config.task.family == "span" or config.task.regression:
+        return None
+    return tasks.Labels.from_records(tasks.record_labels(train_records), tuple(config.task.labels))
+
+
+def num_outputs(config, labels: tasks.Labels | None) -> int:
+    if config.task.family == "span":
+        return 2
+    return 1 if config.task.regression else len(labels)
+
+
+# --------------------------------------------------------------------------------------------- model and parameters
+
+
+def build_model(config, labels: tasks.Labels | None) -> BertForTask:
+    features = config.finetune.features if config.finetune.regime == "features" else None
+    return BertForTask(models.BertConfig.from_config(config.model), config.task.family, num_outputs(config, labels), features)
+
+
+def frozen_mask(params, finetune_config):
+    """True for each frozen parameter: the encoder ('features'), or its embeddings and lowest layers ('freeze_bottom')."""
+
+    def frozen(path, _):
+        names = optim.path_names(path)
+        if names[0] != "encoder" or finetune_config.regime == "full":
+            return False
+        if finetune_config.regime == "features":
+            return True
+        index = models.encoder_layer_index(names)
+        return index is not None and index < finetune_config.freeze_layers
+
+    return jax.tree_util.tree_map_with_path(frozen, params)
+
+
+def _load_pretrained(config, tokenizer, tokenizer_is_checkpoints: bool):
+    """(model config, host params) of init_from; the checkpoint's vocabulary must fit the tokenizer."""
+    source_config, params = checkpoints.load_params(config.init_from)
+    params = jax.device_get(params)
+    rows = params["encoder"]["embeddings"]["word_embeddings"]["embedding"].shape[0]
+    # A run's own tokenizer may have fewer pieces than its embedding table (a small corpus); any
+    # other tokenizer must match it exactly, or ids would index the wrong rows.
+    if tokenizer.vocab_size > rows or (tokenizer.vocab_size != rows and not tokenizer_is_checkpoints):
+        raise tokenizer_lib.TokenizerError(
+            f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} pieces but checkpoint {config.init_from} has a vocabulary of {rows}"
+        )
+    return source_config.model, params
+
+
+def _with_pretrained(params, pretrained):
+    """The freshly initialised task parameters with every pretrained leaf of the same path put in."""
+    flat = traverse_util.flatten_dict(params)
+    source = traverse_util.flatten_dict(pretrained)
+    copied = 0
+    for path in flat:
+        if path in source:
+            if source[path].shape != flat[path].shape:
+                raise ValueError(f"checkpoint parameter {'/'.join(path)} has shape {source[path].shape}, the model {flat[path].shape}")
+            flat[path] = jax.device_put(np.asarray(source[path], flat[path].dtype), flat[path].sharding)
+            copied += 1
+    log.info("initialised %d of %d parameter arrays from the checkpoint (the rest: the new head)", copied, len(flat))
+    return traverse_util.unflatten_dict(flat)
+
+
+# --------------------------------------------------------------------------------------------- loss and decoding
+
+
+def task_loss(config, logits: jax.Array, batch: dict) -> jax.Array:
+    family = config.task.family
+    if family == "span":
+        start = optax.softmax_cross_entropy_with_integer_labels(logits[..., 0], batch["start_position"])
+        end = optax.softmax_cross_entropy_with_integer_labels(logits[..., 1], batch["end_position"])
+        return jnp.mean(start + end) / 2
+    if family == "tagging":
+        weights = (batch["tag_ids"] >= 0).astype(jnp.float32)
+        losses = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.maximum(batch["tag_ids"], 0))
+        return jnp.sum(losses * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+    if config.task.regression:
+        return jnp.mean(jnp.square(logits[:, 0] - batch["label"]))
+    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]))
+
+
+def decode(config, labels: tasks.Labels | None, split: Split, logits: np.ndarray) -> list:
+    """Predictions as the task's own values: label strings, scores, tag lists, or answer texts."""
+    family = config.task.family
+    if family == "span":
+        return squad.answers(
+            [record.context for record in split.records],
+            split.features["example_index"],
+            split.features["offsets"],
+            split.features["max_context"],
+            logits[..., 0],
+            logits[..., 1],
+            n_best=config.data.n_best,
+            max_answer_length=config.data.max_answer_length,
+            allow_no_answer=config.task.version_2,
+            null_threshold=config.task.null_threshold,
+        )
+    if family == "tagging":
+        # Words cut off by max_seq_length get the outside tag (or the first label when there is none).
+        default = "O" if "O" in labels.names else labels.names[0]
+        best = np.argmax(logits, axis=-1)
+        return [
+            [labels.names[best[row, position]] if position >= 0 else default for position in split.features["word_positions"][row][: len(record.words)]]
+            for row, record in enumerate(split.records)
+        ]
+    if config.task.regression:
+        return [float(score) for score in logits[:, 0]]
+    return [labels.names[index] for index in np.argmax(logits, axis=-1)]
+
+
+def score(config, predictions: list, records: list) -> dict[str, float]:
+    """The config's metrics of the predictions against the records' gold values."""
+    family, names = config.task.family, list(config.task.metrics)
+    if family == "span":
+        scores = squad.evaluate({record.qid: answer for record, answer in zip(records, predictions)}, {record.qid: record.answers for record in records})
+        return {name: scores[name] for name in names}
+    if family == "tagging":
+        return metrics_lib.compute(names, predictions, [record.tags for record in records], tagging=True)
+    if config.task.regression:
+        return metrics_lib.compute(names, np.array(predictions), np.array([float(record.label) for record in records]))
+    return metrics_lib.compute(
+        names, np.array(predictions, dtype=object), np.array([record.label for record in records], dtype=object), positive=config.task.positive_label
+    )
+
+
+# --------------------------------------------------------------------------------------------- devices
+
+
+@dataclasses.dataclass
+class Placement:
+    mesh: jax.sharding.Mesh
+    rule_table: tuple
+
+    @classmethod
+    def from_config(cls, config) -> Placement:
+        return cls(partitioning.make_mesh(config.mesh), partitioning.rules(config.mesh))
+
+    def batch(self, arrays: dict) -> dict:
+        return partitioning.global_batch(arrays, self.mesh, self.rule_table)
+
+    @property
+    def data_parallelism(self) -> int:
+        return math.prod(self.mesh.shape[axis] for axis in ("data", "fsdp"))
+
+
+def _logits_fn(model):
+    @jax.jit
+    def logits(params, batch):
+        return model.apply({"params": params}, *(batch[name] for name in MODEL_INPUTS), deterministic=True)
+
+    return logits
+
+
+def all_logits(logits_fn, params, features: dict, batch_size: int, placement: Placement) -> np.ndarray:
+    """Logits of every row, in batches padded to a fixed size (one compilation)."""
+    count = len(features["input_ids"])
+    outputs = []
+    for begin in range(0, count, batch_size):
+        rows = {name: features[name][begin : begin + batch_size] for name in MODEL_INPUTS}
+        real = len(rows["input_ids"])
+        padded = {name: np.pad(value, [(0, batch_size - real)] + [(0, 0)] * (value.ndim - 1)) for name, value in rows.items()}
+        outputs.append(np.asarray(jax.device_get(logits_fn(params, placement.batch(padded))))[:real])
+    return np.concatenate(outputs) if outputs else np.zeros((0,))
+
+
+# --------------------------------------------------------------------------------------------- one seed
+
+
+def _steps(config, train_size: int) -> int:
+    if config.train.epochs > 0:
+        steps_per_epoch = max(train_size // config.train.batch_size, 1)
+        return max(int(round(config.train.epochs * steps_per_epoch)), 1)
+    return config.train.total_steps
+
+
+def _optimizer_config(config, total_steps: int):
+    optim_config = ml_collections.ConfigDict(config.optim.to_dict())
+    if not optim_config.warmup_steps:
+        optim_config.warmup_steps = int(optim_config.get("warmup_fraction", 0.0) * total_steps)
+    return optim_config
+
+
+def _batches(train: Split, batch_size: int, total_steps: int, seed: int, keys) -> Iterator[dict]:
+    """`total_steps` shuffled full batches (a new order each epoch; the last partial batch dropped)."""
+    rng = np.random.default_rng(seed)
+    step = 0
+    while True:
+        order = rng.permutation(len(train))
+        for begin in range(0, len(order) - batch_size + 1, batch_size):
+            if step == total_steps:
+                return
+            rows = order[begin : begin + batch_size]
+            yield {name: train.features[name][rows] for name in keys}
+            step += 1
+
+
+def _train_seed(config, seed: int, seed_dir: pathlib.Path, model, labels, train: Split, dev: Split, other_dev: dict, pretrained, placement) -> dict:
+    if len(train) < config.train.batch_size:
+        raise ValueError(f"{config.data.train}: {len(train)} training examples, fewer than train.batch_size={config.train.batch_size}")
+    batch_size, eval_batch_size = config.train.batch_size, config.train.eval_batch_size
+    for name, size in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
+        if size % placement.data_parallelism:
+            raise config_lib.ConfigError(f"config.train.{name}={size} must be divisible by the {placement.data_parallelism} data-parallel devices")
+    total_steps = _steps(config, len(train))
+    seq_len = config.data.max_seq_length
+
+    # State: frozen leaves get no optimizer state.
+    abstract = nn.meta.unbox(state_lib.abstract_params(model, seq_len))
+    frozen = frozen_mask(abstract, config.finetune)
+    tx = optim.create(_optimizer_config(config, total_steps), total_steps, abstract, frozen=frozen)
+    state, spec = state_lib.create(model, tx, seed, seq_len, placement.mesh, placement.rule_table)
+    if pretrained is not None:
+        state = state.replace(params=_with_pretrained(state.params, pretrained))
+    schedule = optim.learning_rate_schedule(_optimizer_config(config, total_steps), total_steps)
+
+    # Step.
+    keys = MODEL_INPUTS + TARGETS[config.task.family]
+
+    def train_step(state, batch, dropout_rng):
+        def loss_fn(params):
+            logits = model.apply({"params": params}, *(batch[name] for name in MODEL_INPUTS), deterministic=False, rngs={"dropout": dropout_rng})
+            return task_loss(config, logits, batch)
+
+        loss, grads = jax.value_and_grad(loss_fn)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state), loss
+
+    train_step = jax.jit(train_step, donate_argnums=0, out_shardings=(spec.shardings, partitioning.replicated(placement.mesh)))
+    logits_fn = _logits_fn(model)
+
+    def evaluate(params, split: Split) -> dict:
+        logits = all_logits(logits_fn, params, split.features, eval_batch_size, placement)
+        return score(config, decode(config, labels, split, logits), split.records)
+
+    # Loop.
+    writer = writers.Writer(seed_dir, config)
+    primary = config.task.metrics[0]
+    best = {"step": 0, "metrics": None, "params": None}
+    dropout_base = jax.random.fold_in(jax.random.key(config.train.dropout_seed), seed)
+    bar = tqdm.tqdm(total=total_steps, desc=f"finetune {config.task.name} seed {seed}", unit="step", disable=not config.train.progress, dynamic_ncols=True)
+    for step, batch in enumerate(_batches(train, batch_size, total_steps, seed, keys), start=1):
+        state, loss = train_step(state, placement.batch(batch), jax.random.fold_in(dropout_base, step))
+        bar.update()
+        if step % config.train.log_every == 0 or step == total_steps:
+            loss = float(loss)
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"seed {seed}: the training loss is {loss} at step {step}")
+            writer.write(step, {"loss": loss, "learning_rate": float(schedule(step))})
+            bar.set_postfix(loss=f"{loss:.4f}")
+        if step % config.train.eval_every == 0 or step == total_steps:
+            dev_metrics = evaluate(state.params, dev)
+            writer.write(step, {f"eval/{name}": value for name, value in dev_metrics.items()})
+            log.info("seed %d step %d: dev %s", seed, step, json.dumps({k: round(v, 4) for k, v in dev_metrics.items()}))
+            if best["metrics"] is None or dev_metrics[primary] > best["metrics"][primary]:
+                best = {"step": step, "metrics": dev_metrics, "params": jax.device_get(state.params)}
+    bar.close()
+    writer.close()
+
+    # The best step's parameters: saved for predict, and scored on the other dev sets.
+    checkpoints.save_params(seed_dir, config, best["params"], step=best["step"])
+    dev_metrics = dict(best["metrics"])
+    if other_dev:
+        params = jax.device_put(best["params"], spec.shardings.params)
+        for name, split in other_dev.items():
+            dev_metrics.update({f"{name}/{metric}": value for metric, value in evaluate(params, split).items()})
+    result = {"seed": seed, "best_step": best["step"], "total_steps": total_steps, "metrics": dev_metrics}
+    (seed_dir / SEED_RESULT_FILE).write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+# --------------------------------------------------------------------------------------------- the run
+
+
+def summarize(values: list[float]) -> dict:
+    """mean, std (sample, over seeds), median and the runs themselves."""
+    array = np.asarray(values, dtype=np.float64)
+    return {
+        "mean": float(array.mean()),
+        "std": float(array.std(ddof=1)) if len(array) > 1 else 0.0,
+        "median": float(np.median(array)),
+        "runs": [float(value) for value in array],
+    }
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
+    """Fine-tune once per seed; write and return results.json's content."""
+    config_lib.validate(config)
+    workdir = pathlib.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    family = config.task.family
+    if family not in TARGETS:
+        raise config_lib.ConfigError(f"config.task.family={family!r}: choose one of {sorted(TARGETS)}")
+    seeds = seed_list(config.seeds, config.train.seed)
+
+    # Data (records) and tokenizer.
+    train_records = _subset(tasks.read(config.data.train, config.data, family, "train"), config.data.max_train_examples, config.train.seed)
+    dev_records = _subset(tasks.read(config.data.dev, config.data, family, "validation"), config.data.max_dev_examples, config.train.seed)
+    other_records = {name: tasks.read(path, config.data, family, "validation") for name, path in config.data.other_dev.items()}
+    tokenizer, tokenizer_is_checkpoints = _tokenizer(config, workdir, train_records)
+
+    # Model config: the checkpoint's, or the config's sized to the tokenizer.
+    pretrained = None
+    with config.unlocked():
+        if config.init_from:
+            model_config, pretrained = _load_pretrained(config, tokenizer, tokenizer_is_checkpoints)
+            config.model = ml_collections.ConfigDict(model_config.to_dict())
+        else:
+            log.warning(
+                "\n%s\nNO config.init_from: fine-tuning a RANDOMLY INITIALISED encoder (%s). Results measure the task, not pretraining.\n%s",
+                "!" * 100,
+                config.model.get("size", "custom size"),
+                "!" * 100,
+            )
+            config.model.vocab_size = tokenizer.vocab_size
+    config_lib.validate(config)
+
+    # Features.
+    labels = _labels(config, train_records)
+    if labels is not None:
+        labels.save(workdir / LABELS_FILE)
+    trainable = [record for record in train_records if _trainable(record)]
+    train = Split(trainable, encode(config, tokenizer, trainable, labels))
+    dev = Split(dev_records, encode(config, tokenizer, dev_records, labels))
+    other_dev = {name: Split(records, encode(config, tokenizer, records, labels)) for name, records in other_records.items()}
+    log.info("%s: %d train and %d dev features (%s, %s regime)", config.task.name, len(train), len(dev), family, config.finetune.regime)
+    (workdir / "config.json").write_text(config_lib.to_json(config) + "\n")
+
+    # One run per seed.
+    model = build_model(config, labels)
+    placement = Placement.from_config(config)
+    runs = []
+    for seed in seeds:
+        seed_dir = workdir / f"seed_{seed}"
+        if (seed_dir / SEED_RESULT_FILE).exists():
+            log.info("seed %d finished before: %s", seed, seed_dir / SEED_RESULT_FILE)
+            runs.append(json.loads((seed_dir / SEED_RESULT_FILE).read_text()))
+            continue
+        runs.append(_train_seed(config, seed, seed_dir, model, labels, train, dev, other_dev, pretrained, placement))
+
+    # The spread over seeds.
+    results = {
+        "task": config.task.name,
+        "family": family,
+        "regime": config.finetune.regime,
+        "features": config.finetune.features if config.finetune.regime == "features" else None,
+        "init_from": config.init_from or None,
+        "primary_metric": config.task.metrics[0],
+        "seeds": seeds,
+        "best_step": {str(run["seed"]): run["best_step"] for run in runs},
+        "per_seed": runs,
+    }
+    for name in runs[0]["metrics"]:
+        results[name] = summarize([run["metrics"][name] for run in runs])
+    (workdir / RESULTS_FILE).write_text(json.dumps(results, indent=2) + "\n")
+    summary = ", ".join(f"{name} {results[name]['mean']:.4f} ± {results[name]['std']:.4f}" for name in runs[0]["metrics"])
+    log.info("%s over %d seed(s): %s; %s", config.task.name, len(seeds), summary, workdir / RESULTS_FILE)
+    return results
+
+
+def _trainable(record) -> bool:
+    # A SQuAD answer whose offset did not match its text cannot be located: not trained on.
+    return not isinstance(record, tasks.QAExample) or not record.answers or record.answer_starts[0] >= 0
+
+
+# --------------------------------------------------------------------------------------------- predict
+
+
+def _parse_line(family: str, line: str, number: int):
+    where = f"input line {number}"
+    if family == "tagging":
+        return tasks.TaggedSentence(tuple(line.split()), None, where)
+    if family == "span":
+        question, tab, passage = line.partition("\t")
+        if not tab:
+            raise ValueError(f"{where}: QA input is question TAB passage")
+        return tasks.QAExample(str(number), question, passage, (), (), where)
+    texts = tuple(line.split("\t"))
+    if len(texts) != (2 if family == "pair" else 1):
+        raise ValueError(f"{where}: a {family} task takes {'two texts separated by a tab' if family == 'pair' else 'one text (no tab)'}")
+    return tasks.TextExample(texts, None, where)
+
+
+def _best_seed_dir(workdir: pathlib.Path) -> pathlib.Path:
+    results = json.loads((workdir / RESULTS_FILE).read_text())
+    primary = results["primary_metric"]
+    best = max(results["per_seed"], key=lambda run: run["metrics"][primary])
+    return workdir / f"seed_{best['seed']}"
+
+
+def _chunks(lines: Iterable[str], size: int) -> Iterator[list[tuple[int, str]]]:
+    chunk = []
+    for number, line in enumerate(lines, start=1):
+        chunk.append((number, line))
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def predict(workdir, lines: Iterable[str]) -> Iterator[str]:
+    """One prediction per input line, with the best seed's best parameters: the label, the score
+    (regression), the space-separated tags (tagging; input = whitespace-separated words) or the
+    answer text (QA; input = question TAB passage)."""
+    workdir = pathlib.Path(workdir)
+    if not (workdir / RESULTS_FILE).exists():
+        raise FileNotFoundError(f"{workdir / RESULTS_FILE} does not exist: {workdir} is not a finished fine-tuning run")
+    config = checkpoints.read_config(workdir)
+    labels = tasks.Labels.load(workdir / LABELS_FILE) if (workdir / LABELS_FILE).exists() else None
+    tokenizer = tokenizer_lib.load(workdir / checkpoints.TOKENIZER)
+    model = build_model(config, labels)
+    placement = Placement.from_config(config)
+
+    seed_dir = _best_seed_dir(workdir)
+    boxed = state_lib.abstract_params(model, config.data.max_seq_length)
+    shardings = partitioning.param_shardings(boxed, placement.mesh, placement.rule_table)
+    abstract = jax.tree.map(lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding), nn.meta.unbox(boxed), shardings)
+    manager = ocp.CheckpointManager(seed_dir / checkpoints.CHECKPOINTS, options=ocp.CheckpointManagerOptions(read_only=True, create=False))
+    params = manager.restore(manager.latest_step(), args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract)))["params"]
+    manager.close()
+
+    logits_fn = _logits_fn(model)
+    family = config.task.family
+    for chunk in _chunks(lines, config.train.eval_batch_size):
+        records = [_parse_line(family, line, number) for number, line in chunk]
+        split = Split(records, encode(config, tokenizer, records, labels))
+        logits = all_logits(logits_fn, params, split.features, config.train.eval_batch_size, placement)
+        for prediction in decode(config, labels, split, logits):
+            if family == "tagging":
+                yield " ".join(prediction)
+            elif config.task.regression:
+                yield f"{prediction:.4f}"
+            else:
+                yield prediction
