@@ -192,6 +192,10 @@ def test_sinusoidal_positions_have_no_parameters_and_train():
     learned = flat_params(init(tiny_config())[1])
     assert models.count_params(variables["params"]) == models.count_params(learned) - 32 * 32
     sgd_step_lowers_mlm_loss(cfg)
+    longer = jnp.ones((1, 2 * cfg.max_position_embeddings), jnp.int32)
+    assert np.isfinite(model.apply(variables, longer).sequence_output).all()
+    with pytest.raises(ValueError, match="max_position_embeddings=32"):
+        models.BertForPreTraining(tiny_config()).apply(init(tiny_config())[1], longer)
 
 
 def test_sinusoidal_table_matches_the_formula():

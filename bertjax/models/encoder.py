@@ -146,11 +146,11 @@ class Embeddings(nn.Module):
     def __call__(self, input_ids: jax.Array, token_type_ids: jax.Array, deterministic: bool) -> jax.Array:
         cfg = self.cfg
         length = input_ids.shape[-1]
-        if length > cfg.max_position_embeddings:
-            raise ValueError(f"sequence length {length} exceeds max_position_embeddings={cfg.max_position_embeddings}")
         if cfg.position_embedding == "learned":
+            if length > cfg.max_position_embeddings:
+                raise ValueError(f"sequence length {length} exceeds model.max_position_embeddings={cfg.max_position_embeddings}")
             positions = self.position_embeddings(jnp.arange(length))
-        else:
+        else:  # computed for any length: a model trained on short sequences can be run on longer ones
             positions = sinusoidal_positions(length, cfg.hidden_size).astype(cfg.compute_dtype)
         x = self.word_embeddings(input_ids) + self.token_type_embeddings(token_type_ids) + positions[None]
         x = self.dropout(self.LayerNorm(x), deterministic=deterministic)
