@@ -72,13 +72,16 @@ def model_config(size: str = "tiny") -> ml_collections.ConfigDict:
 def data_config() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(
         dict(
-            # A path, a glob, 'tfds:NAME' or 'python-docs' (the docstrings of the installed Python
-            # standard library and packages: a corpus every machine has without a download).
+            # A path, a directory, a glob (several: comma-separated), 'tfds:NAME' or 'python-docs' (the
+            # docstrings of the Python standard library: a corpus every machine has without a download).
             corpus="python-docs",
             # 'auto' | 'sentences' (one sentence a line, blank line between documents) | 'documents'
-            # (one document a line) | 'paragraphs' (blank-line separated paragraphs, hard-wrapped).
+            # (one document a line) | 'paragraphs' (blank-line separated paragraphs, hard-wrapped;
+            # Gutenberg header/footer removed, chapters are documents) | 'wikitext' (' = Title = ' lines
+            # start articles). See bertjax/data/corpus.py for what 'auto' picks.
             corpus_format="auto",
             tfds_text_key="text",
+            tfds_data_dir="",  # where TFDS keeps 'tfds:NAME' data sets; '' = TFDS's default
             # Held-out documents for evaluation, as a fraction of the corpus (a separate path also works).
             eval_corpus="",
             eval_fraction=0.02,

@@ -168,3 +168,27 @@ def test_separate_eval_corpus(tmp_path):
     config = small_config(tmp_path, [train_file], eval_corpus=str(eval_file))
     prepared = corpus.prepare(config, tokenizer_lib.for_config(config))
     assert (prepared["train"].num_documents, prepared["eval"].num_documents) == (10, 3)
+
+
+def test_tfds_text_dataset_by_name(tmp_path):
+    """'tfds:NAME' reads any registered TFDS text data set (here a tiny local one; Wikipedia works alike)."""
+    import tensorflow_datasets as tfds
+
+    class BertjaxTestTexts(tfds.core.GeneratorBasedBuilder):
+        VERSION = tfds.core.Version("1.0.0")
+
+        def _info(self):
+            return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({"body": tfds.features.Text()}), disable_shuffling=True)
+
+        def _split_generators(self, dl_manager):
+            return {"train": self._generate_examples()}
+
+        def _generate_examples(self):
+            yield 0, {"body": "First article. It has two sentences.\nAnd a second paragraph."}
+            yield 1, {"body": "Second article here."}
+
+    BertjaxTestTexts(data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
+    source = corpus.Corpus("tfds:bertjax_test_texts", tfds_text_key="body", tfds_data_dir=str(tmp_path))
+    assert source.documents() == [["First article.", "It has two sentences.", "And a second paragraph."], ["Second article here."]]
+    with pytest.raises(corpus.CorpusError, match="no feature 'text'"):
+        corpus.Corpus("tfds:bertjax_test_texts", tfds_data_dir=str(tmp_path)).documents()

@@ -219,11 +219,12 @@ class Corpus:
     spec: str
     corpus_format: str = "auto"
     tfds_text_key: str = "text"
+    tfds_data_dir: str = ""
 
     @classmethod
     def from_config(cls, config, spec: str | None = None) -> "Corpus":
         data = config.data
-        return cls(data.corpus if spec is None else spec, data.corpus_format, data.tfds_text_key)
+        return cls(data.corpus if spec is None else spec, data.corpus_format, data.tfds_text_key, data.get("tfds_data_dir", ""))
 
     @property
     def description(self) -> str:
@@ -284,7 +285,7 @@ class Corpus:
     def _tfds_documents(self, name: str) -> Iterator[Document]:
         import tensorflow_datasets as tfds
 
-        source = tfds.data_source(name, split="train")
+        source = tfds.data_source(name, split="train", data_dir=self.tfds_data_dir or None)
         for index in tqdm.trange(len(source), desc=f"reading tfds:{name}", unit=" docs", mininterval=2):
             record = source[index]
             if self.tfds_text_key not in record:
