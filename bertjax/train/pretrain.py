@@ -131,7 +131,7 @@ def make_train_step(model, tx, schedule, config):
         step_metrics = {
             "loss": loss,
             **step_means,
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": optax.tree.norm(grads),
             "learning_rate": schedule(state.step),
         }
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), step_metrics
@@ -224,6 +224,8 @@ def _check_finite(history: list[tuple[int, dict]], last_checkpoint: int | None) 
 def train_and_evaluate(config, workdir) -> dict:
     """Pretrain as `config` says, in `workdir` (resumed if it holds checkpoints). Returns the last metrics."""
     config_lib.validate(config)
+    # Orbax reports every phase of every save at INFO (through absl); the progress bar says enough.
+    logging.getLogger("absl").setLevel(logging.WARNING)
     workdir = pathlib.Path(workdir)
     total_steps = config.train.total_steps
     seq_len = config.data.max_seq_length

@@ -1,0 +1,110 @@
+"""Checkpoint helpers that need no training: the kept schedule, params-only workdirs, HF sources,
+shape errors and incomplete (temporary) checkpoint directories."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from flax import linen as nn
+
+from bertjax import config as config_lib
+from bertjax import models
+from bertjax.train import checkpoints
+
+
+def tiny_config(hidden_size=32):
+    config = config_lib.pretrain_config("tiny")
+    config.model.update(num_layers=1, hidden_size=hidden_size, num_heads=2, intermediate_size=2 * hidden_size, vocab_size=64)
+    return config
+
+
+def random_params(config, seed=0):
+    model = models.BertForPreTraining(models.BertConfig.from_config(config.model))
+    ids = jnp.zeros((1, 8), jnp.int32)
+    return model, nn.meta.unbox(model.init(jax.random.key(seed), ids, ids, jnp.ones_like(ids))["params"])
+
+
+def assert_trees_equal(a, b):
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_kept_schedule_combines_list_every_and_log_spaced_steps():
+    config = ml_collections.ConfigDict(dict(keep_steps=(5, 999), keep_every=300, keep_log=0))
+    assert checkpoints.kept_steps(config, 1000) == [5, 300, 600, 900, 999]
+    config = ml_collections.ConfigDict(dict(keep_steps=(), keep_every=0, keep_log=7))
+    log_spaced = checkpoints.kept_steps(config, 1000)
+    assert log_spaced[0] == 1 and log_spaced[-1] == 1000 and len(log_spaced) == 7
+    gaps = np.diff(log_spaced)
+    assert np.all(gaps[1:] >= gaps[:-1])  # dense early, sparse late
+    config = ml_collections.ConfigDict(dict(keep_steps=(0, 2000), keep_every=0, keep_log=0))
+    assert checkpoints.kept_steps(config, 1000) == []
+
+
+def test_save_params_then_load_params_round_trip(tmp_path):
+    config = tiny_config()
+    _, params = random_params(config)
+    checkpoints.save_params(tmp_path / "imported", config, params)
+    loaded_config, loaded = checkpoints.load_params(str(tmp_path / "imported"))
+    assert loaded_config.model.hidden_size == 32
+    assert_trees_equal(params, loaded)
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(loaded))
+    _, loaded_at_step = checkpoints.load_params(f"{tmp_path / 'imported'}:0")
+    assert_trees_equal(params, loaded_at_step)
+    with pytest.raises(FileNotFoundError, match="no checkpoint at step 7"):
+        checkpoints.load_params(f"{tmp_path / 'imported'}:7")
+    with pytest.raises(FileNotFoundError, match="not a bertjax workdir"):
+        checkpoints.load_params(str(tmp_path / "nowhere"))
+
+
+def test_a_mismatched_shape_is_named(tmp_path):
+    config = tiny_config(hidden_size=32)
+    _, params = random_params(config)
+    checkpoints.save_params(tmp_path / "run", config, params)
+    _, other = random_params(tiny_config(hidden_size=64))
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), other)
+    with pytest.raises(ValueError, match=r"parameter encoder/embeddings/LayerNorm/bias has shape \(32,\) in the checkpoint but \(64,\)"):
+        checkpoints.load_params(str(tmp_path / "run"), abstract)
+
+
+def test_an_incomplete_checkpoint_is_never_loaded(tmp_path):
+    config = tiny_config()
+    _, params = random_params(config)
+    checkpoints.save_params(tmp_path / "run", config, params)
+    # What a process killed in the middle of saving step 9 leaves behind.
+    partial = tmp_path / "run" / "checkpoints" / "9.orbax-checkpoint-tmp"
+    (partial / "params").mkdir(parents=True)
+    (partial / "metadata").mkdir()
+    (partial / "metadata" / "metadata").write_text(json.dumps({"step": 9}))
+    _, loaded = checkpoints.load_params(str(tmp_path / "run"))
+    assert_trees_equal(params, loaded)
+    manager = checkpoints.Checkpoints(tmp_path / "run", config.checkpoint, total_steps=10)
+    assert manager.latest_step() == 0
+    manager.close()
+    assert not partial.exists()  # cleaned up when a run opens the directory
+    assert [entry["step"] for entry in checkpoints.index(tmp_path / "run")] == [0]
+
+
+def test_huggingface_directory_as_a_source(tmp_path):
+    from bertjax.convert import hf
+
+    config = tiny_config()
+    model, params = random_params(config, seed=3)
+    hf.save(model, {"params": params}, tmp_path / "hf")
+    loaded_config, loaded = checkpoints.load_params(str(tmp_path / "hf"))
+    assert loaded_config.model.hidden_size == 32 and loaded_config.model.num_layers == 1
+    for x, y in zip(jax.tree.leaves(params), jax.tree.leaves(loaded)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6)
+    assert checkpoints.tokenizer_path(str(tmp_path / "hf")) == tmp_path / "hf"
+
+
+def test_tokenizer_path_of_a_workdir(tmp_path):
+    (tmp_path / "run" / "tokenizer").mkdir(parents=True)
+    assert checkpoints.tokenizer_path(str(tmp_path / "run")) == tmp_path / "run" / "tokenizer"
+    assert checkpoints.tokenizer_path(f"{tmp_path / 'run'}:100") == tmp_path / "run" / "tokenizer"
+    with pytest.raises(FileNotFoundError, match="did not save its tokenizer"):
+        checkpoints.tokenizer_path(str(tmp_path / "elsewhere"))
