@@ -243,19 +243,18 @@ class Layer(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, attention_mask: jax.Array, deterministic: bool) -> jax.Array:
         cfg = self.cfg
-        sublayers = (
-            (lambda h: SelfAttention(cfg, name="attention")(h, attention_mask, deterministic), "attention_layer_norm"),
-            (lambda h: FeedForward(cfg, name="mlp")(h), "mlp_layer_norm"),
-        )
-        for sublayer, norm_name in sublayers:
-            norm = layer_norm(cfg, name=norm_name)
-            dropout = nn.Dropout(cfg.hidden_dropout)
+        dropout = nn.Dropout(cfg.hidden_dropout, deterministic=deterministic)
+
+        def residual(x, sublayer, norm):
             if cfg.layer_norm == "post":
-                x = norm(x + dropout(sublayer(x), deterministic=deterministic))
+                x = norm(x + dropout(sublayer(x)))
             else:
-                x = x + dropout(sublayer(norm(x)), deterministic=deterministic)
-            x = nn.with_logical_constraint(x, ACTIVATION_AXES)
-        return x
+                x = x + dropout(sublayer(norm(x)))
+            return nn.with_logical_constraint(x, ACTIVATION_AXES)
+
+        attention = SelfAttention(cfg, name="attention")
+        x = residual(x, lambda h: attention(h, attention_mask, deterministic), layer_norm(cfg, name="attention_layer_norm"))
+        return residual(x, FeedForward(cfg, name="mlp"), layer_norm(cfg, name="mlp_layer_norm"))
 
 
 class Encoder(nn.Module):
