@@ -119,5 +119,10 @@ def batches(config, split: str = "train", process_index: int | None = None, proc
     dataset = dataset.batch(batch_size, drop_remainder=True, batch_fn=np.stack).map(build)
     iter_dataset = dataset.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=max(data.prefetch, 1)))
     if data.num_workers > 0:
+        from absl import flags
+
+        # grain's worker processes read absl flags; programs that are not absl apps never parse them.
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
         iter_dataset = iter_dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=data.num_workers))
     return iter(iter_dataset)
