@@ -67,6 +67,17 @@ def _prepared(data_json: str, vocab_size: int | None):
             documents[split], data.max_seq_length, data.short_seq_prob, data.sentence_objective, seed
         )
         log.info("%s instances of %s: %s", split, data.corpus, json.dumps(report))
+        unused = report["single_sentence_documents_unused"] + report["trailing_single_sentences_unused"]
+        if unused:
+            log.warning(
+                "%s split of %s: %d single-sentence documents and %d single sentences left at the end of a document "
+                "cannot make a sentence pair (objective %r) and are not used as segment A (objective 'none' uses them)",
+                split,
+                data.corpus,
+                report["single_sentence_documents_unused"],
+                report["trailing_single_sentences_unused"],
+                data.sentence_objective,
+            )
     return tokenizer, documents, instances
 
 

@@ -168,23 +168,25 @@ class Masker:
         start_draw = span_draw[:, draws:]
         chosen = np.zeros((batch, length), np.bool_)
         for row in range(batch):
-            word_starts = np.flatnonzero(starts[row])
-            if budget[row] == 0:
+            row_budget = int(budget[row])
+            if row_budget == 0:
                 continue
+            word_starts = np.flatnonzero(starts[row])
             # A word ends where the next one starts or where the candidates stop ([SEP], padding);
             # a span never runs past the candidates' end either.
             not_candidate = np.append(np.flatnonzero(~candidate[row]), length)
             run_end = not_candidate[np.searchsorted(not_candidate, word_starts)]
-            word_ends = np.minimum(np.append(word_starts[1:], length), run_end)
+            word_ends = np.minimum(np.append(word_starts[1:], length), run_end).tolist()
+            first_words = (start_draw[row] * len(word_starts)).astype(np.int64).tolist()
+            word_starts, run_end = word_starts.tolist(), run_end.tolist()
             count, taken = 0, chosen[row]
-            first_words = (start_draw[row] * len(word_starts)).astype(np.int64)
-            for first_word, words in zip(first_words.tolist(), span_words[row].tolist()):
+            for first_word, words in zip(first_words, span_words[row].tolist()):
                 last_word = min(first_word + words, len(word_starts)) - 1
                 begin, end = word_starts[first_word], min(word_ends[last_word], run_end[first_word])
-                if count + end - begin > budget[row] or taken[begin:end].any():
+                if count + end - begin > row_budget or taken[begin:end].any():
                     continue
                 taken[begin:end] = True
                 count += end - begin
-                if count == budget[row]:
+                if count == row_budget:
                     break
         return chosen

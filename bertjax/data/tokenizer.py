@@ -229,7 +229,7 @@ class WordPieceTokenizer(Tokenizer):
         return [encoding.ids for encoding in self.backend.encode_batch(list(texts), add_special_tokens=False)]
 
     def decode(self, ids) -> str:
-        return self.backend.decode([int(i) for i in ids], skip_special_tokens=False).replace(" [PAD]", "").replace("[PAD]", "")
+        return self.backend.decode([int(i) for i in ids if int(i) != self.pad_id], skip_special_tokens=False)
 
     def _files(self):
         path = pathlib.Path(self.path)
