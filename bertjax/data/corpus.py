@@ -471,11 +471,21 @@ def _build(directory: pathlib.Path, train_corpus: Corpus, eval_corpus: Corpus | 
     try:
         _builder(scratch, {name: records for name, records in splits.items() if records}).download_and_prepare()
         (scratch / "done").write_text(json.dumps({name: len(records) for name, records in splits.items()}))
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(scratch, directory)
+        if directory.exists() and not (directory / "done").exists():
+            shutil.rmtree(directory)  # left by an interrupted run of an older version
+        publish(scratch, directory)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def publish(scratch, directory: pathlib.Path) -> None:
+    """Move a finished scratch directory into place; when another process got there first, keep theirs."""
+    try:
+        os.replace(scratch, directory)
+    except OSError:
+        if not directory.exists():
+            raise
+        log.info("%s was prepared by another process meanwhile; using that", directory)
 
 
 def _read_split(builder, split: str) -> TokenizedDocuments:

@@ -350,7 +350,7 @@ def for_config(config) -> Tokenizer:
             scratch = tempfile.mkdtemp(dir=directory.parent, prefix=f".{key}-")
             try:
                 train_from_sentences(source.sentences(), config.model.vocab_size, scratch, data.tokenizer_type, source.description)
-                os.replace(scratch, directory)
+                corpus.publish(scratch, directory)
             finally:
                 shutil.rmtree(scratch, ignore_errors=True)
             log.info("trained a tokenizer on %s: %s", source.description, path)
