@@ -20,7 +20,6 @@ import dataclasses
 import numpy as np
 
 EVAL_SEED = 20181011  # the day BERT appeared on arXiv; any fixed number would do
-_MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 _STREAM_SELECT, _STREAM_ACTION, _STREAM_REPLACEMENT, _STREAM_SPAN = 1, 2, 3, 4
 
 

@@ -18,15 +18,12 @@ few vectorised gathers (`assemble`).
 from __future__ import annotations
 
 import dataclasses
-import logging
 
 import numpy as np
 
 from bertjax.data.corpus import TokenizedDocuments
 
 OBJECTIVES = ("nsp", "sop", "none")
-
-log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
