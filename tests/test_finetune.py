@@ -14,6 +14,7 @@ from bertjax import cli, models
 from bertjax import config as config_lib
 from bertjax.data import tasks
 from bertjax.data import tokenizer as tokenizer_lib
+from bertjax.models.heads import LayerCombination
 from bertjax.train import checkpoints, finetune, optim
 from bertjax.train import state as state_lib
 
@@ -175,3 +176,19 @@ def test_cli_end_to_end_beats_majority_on_sst2(shared_data, tmp_path):
     cli.main(["predict", "--workdir", str(workdir), "--input", str(tmp_path / "input.txt"), "--output", str(tmp_path / "out.txt")])
     predictions = (tmp_path / "out.txt").read_text().splitlines()
     assert len(predictions) == 2 and set(predictions) <= {"0", "1"}
+
+
+def test_layer_combinations():
+    hidden_states = tuple(jax.random.normal(jax.random.key(i), (2, 3, 4)) for i in range(5))
+
+    def apply(features):
+        module = LayerCombination(features)
+        variables = module.init(jax.random.key(0), hidden_states)
+        return module.apply(variables, hidden_states), nn.meta.unbox(variables.get("params", {}))
+
+    assert np.allclose(apply("last")[0], hidden_states[-1])
+    assert np.allclose(apply("sum_last4")[0], sum(hidden_states[1:]))
+    assert apply("concat_last4")[0].shape == (2, 3, 16)
+    mixed, params = apply("scalar_mix")
+    # Softmax of equal weights, gamma 1: the mean of all layers, embeddings included.
+    assert params["scalar_mix"]["weights"].shape == (5,) and np.allclose(mixed, np.mean(hidden_states, axis=0), atol=1e-6)

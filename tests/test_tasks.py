@@ -164,3 +164,14 @@ def test_squad_doc_stride_recovers_gold_span_from_one_hot_logits(shared_data, to
     null_start[:, 0] = null_end[:, 0] = 10.0
     empty = squad.answers([e.context for e in examples], features["example_index"], features["offsets"], features["max_context"], null_start, null_end, allow_no_answer=True)
     assert empty == [""] * len(examples)
+
+
+def test_squad_spans_inside_words_and_multibyte_characters(tokenizer):
+    context = "Le café ouvrit le 1996-08-30, à Zürich."
+    example = tasks.QAExample("q", "When?", context, ("1996",), (context.index("1996"),), "f:1")
+    features = tasks.encode_squad(tokenizer, [example], max_seq_length=64, doc_stride=16, max_query_length=8)
+    start, end = features["start_position"][0], features["end_position"][0]
+    assert context[features["offsets"][0, start, 0] : features["offsets"][0, end, 1]] == "1996"
+    # Every passage piece maps to characters of the passage, in order.
+    spans = features["offsets"][0][features["offsets"][0, :, 0] >= 0]
+    assert spans[0, 0] == 0 and spans[-1, 1] == len(context) and np.all(np.diff(spans[:, 0]) >= 0)

@@ -207,7 +207,8 @@ def read_tfds(spec: str, family: str, default_split: str, fields) -> list:
     name, _, split = spec.removeprefix("tfds:").partition(":")
     split = split or default_split
     source = tfds.data_source(name, split=split)
-    label_feature = source.dataset_info.features.get(fields.label) if fields.label else None
+    features = source.dataset_info.features
+    label_feature = features[fields.label] if fields.label and fields.label in features else None
 
     def label_name(value):
         return label_feature.int2str(int(value)) if hasattr(label_feature, "int2str") else str(value)
@@ -231,7 +232,7 @@ def read_tfds(spec: str, family: str, default_split: str, fields) -> list:
                 )
             )
         elif family == "tagging":
-            tag_feature = source.dataset_info.features[fields.label].feature
+            tag_feature = features[fields.label].feature
             records.append(
                 TaggedSentence(tuple(text(word) for word in record[fields.text_a]), tuple(tag_feature.int2str(int(t)) for t in record[fields.label]), where)
             )

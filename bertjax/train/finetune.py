@@ -334,27 +334,20 @@ def _batches(train: Split, batch_size: int, total_steps: int, seed: int, keys) -
             step += 1
 
 
-def _train_seed(config, seed: int, seed_dir: pathlib.Path, model, labels, train: Split, dev: Split, other_dev: dict, pretrained, placement) -> dict:
-    if len(train) < config.train.batch_size:
-        raise ValueError(f"{config.data.train}: {len(train)} training examples, fewer than train.batch_size={config.train.batch_size}")
-    batch_size, eval_batch_size = config.train.batch_size, config.train.eval_batch_size
-    for name, size in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
-        if size % placement.data_parallelism:
-            raise config_lib.ConfigError(f"config.train.{name}={size} must be divisible by the {placement.data_parallelism} data-parallel devices")
-    total_steps = _steps(config, len(train))
-    seq_len = config.data.max_seq_length
-
-    # State: frozen leaves get no optimizer state.
-    abstract = nn.meta.unbox(state_lib.abstract_params(model, seq_len))
-    frozen = frozen_mask(abstract, config.finetune)
-    tx = optim.create(_optimizer_config(config, total_steps), total_steps, abstract, frozen=frozen)
-    state, spec = state_lib.create(model, tx, seed, seq_len, placement.mesh, placement.rule_table)
+def create_state(config, model, seed: int, total_steps: int, placement: Placement, pretrained=None):
+    """(state, spec, optimizer, learning-rate schedule): parameters from `seed` (pretrained ones put
+    in), and an optimizer whose frozen leaves get no update and no state."""
+    optim_config = _optimizer_config(config, total_steps)
+    abstract = nn.meta.unbox(state_lib.abstract_params(model, config.data.max_seq_length))
+    tx = optim.create(optim_config, total_steps, abstract, frozen=frozen_mask(abstract, config.finetune))
+    state, spec = state_lib.create(model, tx, seed, config.data.max_seq_length, placement.mesh, placement.rule_table)
     if pretrained is not None:
         state = state.replace(params=_with_pretrained(state.params, pretrained))
-    schedule = optim.learning_rate_schedule(_optimizer_config(config, total_steps), total_steps)
+    return state, spec, tx, optim.learning_rate_schedule(optim_config, total_steps)
 
-    # Step.
-    keys = MODEL_INPUTS + TARGETS[config.task.family]
+
+def make_train_step(config, model, tx, spec, placement: Placement):
+    """The jitted step (state, batch, dropout key) -> (state, loss); the state is donated."""
 
     def train_step(state, batch, dropout_rng):
         def loss_fn(params):
@@ -365,7 +358,21 @@ def _train_seed(config, seed: int, seed_dir: pathlib.Path, model, labels, train:
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state), loss
 
-    train_step = jax.jit(train_step, donate_argnums=0, out_shardings=(spec.shardings, partitioning.replicated(placement.mesh)))
+    return jax.jit(train_step, donate_argnums=0, out_shardings=(spec.shardings, partitioning.replicated(placement.mesh)))
+
+
+def _train_seed(config, seed: int, seed_dir: pathlib.Path, model, labels, train: Split, dev: Split, other_dev: dict, pretrained, placement) -> dict:
+    if len(train) < config.train.batch_size:
+        raise ValueError(f"{config.data.train}: {len(train)} training examples, fewer than train.batch_size={config.train.batch_size}")
+    batch_size, eval_batch_size = config.train.batch_size, config.train.eval_batch_size
+    for name, size in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
+        if size % placement.data_parallelism:
+            raise config_lib.ConfigError(f"config.train.{name}={size} must be divisible by the {placement.data_parallelism} data-parallel devices")
+    total_steps = _steps(config, len(train))
+
+    state, spec, tx, schedule = create_state(config, model, seed, total_steps, placement, pretrained)
+    train_step = make_train_step(config, model, tx, spec, placement)
+    keys = MODEL_INPUTS + TARGETS[config.task.family]
     logits_fn = _logits_fn(model)
 
     def evaluate(params, split: Split) -> dict:
