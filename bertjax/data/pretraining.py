@@ -21,9 +21,8 @@ import dataclasses
 
 import numpy as np
 
+from bertjax.config import SENTENCE_OBJECTIVES as OBJECTIVES
 from bertjax.data.corpus import TokenizedDocuments
-
-OBJECTIVES = ("nsp", "sop", "none")
 
 
 @dataclasses.dataclass(frozen=True)
