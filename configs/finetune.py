@@ -10,7 +10,9 @@ qqp, stsb (regression), wnli, conll2003 (NER), ud_pos (UD EWT UPOS), squad (v1.1
 xquad (the shared XQuAD file as SQuAD v1.1), chnsenticorp. Data paths are relative to
 $BERTJAX_SHARED_DATA (default ../shared/data) for the data sets shipped there and to
 $GLUE_DIR / $SQUAD_DIR (default data/glue, data/squad) for the others; override with
---config.data.train=... --config.data.dev=... (a path or 'tfds:NAME[:SPLIT]').
+--config.data.train=... --config.data.dev=... (a path or 'tfds:NAME[:SPLIT]'; dev's split defaults to
+'validation'; with TFDS, text_a/text_b/label name its features, e.g. for glue/sst2
+--config.data.text_a=sentence, for conll2003 --config.data.text_a=tokens --config.data.label=ner).
 
 Each run writes WORKDIR/results.json: every metric's mean, std, median and per-seed values on the
 dev set at each seed's best evaluation step. From a random init (no init_from, logged as a

@@ -24,6 +24,7 @@ import re
 from collections.abc import Iterable, Sequence
 
 import numpy as np
+import tqdm
 
 log = logging.getLogger(__name__)
 
@@ -447,6 +448,17 @@ def split_words(text: str) -> list[tuple[str, int, int]]:
     return words
 
 
+def _passage_pieces(tokenizer, passage: str) -> tuple[list[int], list[tuple[int, int]]]:
+    """The passage's piece ids and each piece's (first char, end char) in the passage."""
+    pieces, spans = [], []
+    words = split_words(passage)
+    for (_, word_start, _), word_spans in zip(words, _piece_spans(tokenizer, [word for word, _, _ in words])):
+        for piece, start, end in word_spans:
+            pieces.append(piece)
+            spans.append((word_start + start, word_start + end))
+    return pieces, spans
+
+
 def _max_context(window_start: int, window_length: int, position: int) -> float:
     left, right = position - window_start, window_start + window_length - 1 - position
     return min(left, right) + 0.01 * window_length
@@ -461,14 +473,12 @@ def encode_squad(tokenizer, examples: Sequence[QAExample], max_seq_length: int, 
     [F, S] for `bertjax.eval.squad.answers`.
     """
     rows, starts, ends, example_index, offset_rows, context_rows = [], [], [], [], [], []
-    for index, example in enumerate(examples):
+    passages = {}  # SQuAD asks several questions about each passage: tokenise it once
+    for index, example in enumerate(tqdm.tqdm(examples, desc="encoding QA examples", unit=" questions", mininterval=5, disable=len(examples) < 5000)):
         question = tokenizer.encode(example.question)[:max_query_length]
-        pieces, piece_spans = [], []
-        words = split_words(example.context)
-        for (_, word_start, _), word_spans in zip(words, _piece_spans(tokenizer, [word for word, _, _ in words])):
-            for piece, start, end in word_spans:
-                pieces.append(piece)
-                piece_spans.append((word_start + start, word_start + end))
+        if example.context not in passages:
+            passages[example.context] = _passage_pieces(tokenizer, example.context)
+        pieces, piece_spans = passages[example.context]
         answer_pieces = None
         if example.answers and example.answer_starts[0] >= 0:
             answer_start = example.answer_starts[0]
