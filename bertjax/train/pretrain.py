@@ -327,7 +327,7 @@ def train_and_evaluate(config, workdir) -> dict:
             if config.train.run_steps and step - start_step == config.train.run_steps and step < total_steps:
                 stopped_by = "train.run_steps"
             log_due = step % log_every == 0 or step == total_steps
-            eval_due = step % config.train.eval_every == 0 or step == total_steps
+            eval_due = config.train.eval_batches > 0 and (step % config.train.eval_every == 0 or step == total_steps)
             save_due = checkpoints.due(step) or stopped_by is not None
             if not (log_due or eval_due or save_due):
                 continue

@@ -1,0 +1,117 @@
+"""train_and_evaluate on real text with a tiny model: exact resume, mesh invariance, NaN stop,
+the kept schedule, and shape errors for init_from."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from bertjax import config as config_lib
+from bertjax.train import checkpoints, pretrain
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache(tmp_path_factory):
+    """Runs with the same program (a resumed run, the 8x1x1 mesh) compile it once."""
+    previous = jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    yield
+    jax.config.update("jax_compilation_cache_dir", previous[0])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", previous[1])
+
+
+def tiny_config(shared_data, **train):
+    config = config_lib.pretrain_config("tiny")
+    config.model.update(num_layers=1, hidden_size=32, num_heads=2, intermediate_size=64, vocab_size=1000)
+    config.data.update(corpus=str(shared_data / "corpus" / "moby-dick.txt"), max_seq_length=32, max_predictions=5)
+    config.train.update(batch_size=8, total_steps=6, log_every=1, eval_every=1000, eval_batches=1, progress=False)
+    config.train.update(train)
+    config.optim.update(warmup_steps=2, lr=3e-3)
+    config.checkpoint.update(every=3, keep=1)
+    return config
+
+
+def logged(workdir, key="loss"):
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return [(record["step"], record[key]) for record in records if key in record]
+
+
+def assert_trees_equal(a, b):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(shared_data, tmp_path_factory):
+    """Six steps in one go, keeping step 1 and rolling the newest one."""
+    workdir = tmp_path_factory.mktemp("uninterrupted")
+    config = tiny_config(shared_data)
+    config.checkpoint.keep_steps = (1,)
+    summary = pretrain.train_and_evaluate(config, workdir)
+    return workdir, config, summary
+
+
+def test_resume_is_exact(shared_data, tmp_path, uninterrupted):
+    workdir, _, _ = uninterrupted
+    config = tiny_config(shared_data, run_steps=3)
+    config.checkpoint.keep_steps = (1,)
+    first = pretrain.train_and_evaluate(config, tmp_path)
+    assert first["step"] == 3 and first["stopped_by"] == "train.run_steps"
+    config.train.run_steps = 0
+    second = pretrain.train_and_evaluate(config, tmp_path)
+    assert second["step"] == 6 and second["tokens_seen"] == 6 * 8 * 32
+    assert logged(tmp_path) == logged(workdir)
+    assert [step for step, _ in logged(tmp_path)] == [1, 2, 3, 4, 5, 6]
+    assert logged(tmp_path, "eval/mlm_loss") == logged(workdir, "eval/mlm_loss")
+    _, resumed_params = checkpoints.load_params(str(tmp_path))
+    _, params = checkpoints.load_params(str(workdir))
+    assert_trees_equal(params, resumed_params)
+
+
+def test_kept_schedule_and_index(uninterrupted):
+    workdir, config, summary = uninterrupted
+    # keep=1 rolled step 3 away; the kept step 1 and the final step 6 stay.
+    index = json.loads((workdir / "checkpoints" / "index.json").read_text())
+    assert [(entry["step"], entry["kept"]) for entry in index] == [(1, True), (6, False)]
+    assert index[-1]["tokens_seen"] == summary["tokens_seen"] == 6 * 8 * 32
+    assert index[-1]["config_hash"] == config_lib.config_hash(config)
+    assert json.loads((workdir / "config.json").read_text()) == json.loads(config_lib.to_json(config))
+    assert sorted(path.name for path in (workdir / "checkpoints").iterdir()) == ["1", "6", "index.json"]
+    assert (workdir / "tokenizer").is_dir() and list((workdir / "tensorboard").iterdir())
+    _, kept = checkpoints.load_params(f"{workdir}:1")
+    _, final = checkpoints.load_params(str(workdir))
+    assert not np.allclose(jax.tree.leaves(kept)[0], jax.tree.leaves(final)[0])
+
+
+def test_same_losses_on_every_mesh(shared_data, tmp_path):
+    losses = {}
+    for shape in ((8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 1, 1)):
+        config = tiny_config(shared_data, run_steps=3, eval_batches=0)
+        config.mesh.update(data=shape[0], fsdp=shape[1], tensor=shape[2])
+        pretrain.train_and_evaluate(config, tmp_path / "x".join(map(str, shape)))
+        losses[shape] = [loss for _, loss in logged(tmp_path / "x".join(map(str, shape)))]
+    reference = losses[(1, 1, 1)]
+    assert len(reference) == 3 and reference[-1] < reference[0]
+    for shape, values in losses.items():
+        np.testing.assert_allclose(values, reference, rtol=2e-5, err_msg=f"mesh {shape}")
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(shared_data, tmp_path):
+    config = tiny_config(shared_data, inject_nan_at_step=5, log_every=2)
+    config.checkpoint.every = 2
+    with pytest.raises(pretrain.NonFiniteLossError, match="at step 5; stopping \\(step 4 is the last good checkpoint\\)"):
+        pretrain.train_and_evaluate(config, tmp_path)
+    _, params = checkpoints.load_params(str(tmp_path))
+    assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(params))
+    assert [entry["step"] for entry in checkpoints.index(tmp_path)] == [4]
+
+
+def test_init_from_a_run_with_other_shapes_names_the_parameter(shared_data, tmp_path, uninterrupted):
+    workdir, _, _ = uninterrupted
+    config = tiny_config(shared_data)
+    config.model.update(hidden_size=64, intermediate_size=128)
+    config.init_from = f"{workdir}:1"
+    with pytest.raises(ValueError, match=r"parameter encoder/\S+ has shape \(\d+,?\d*\) in the checkpoint"):
+        pretrain.train_and_evaluate(config, tmp_path)
