@@ -86,13 +86,16 @@ def answers(
         example = int(example_index[feature])
         start, end = start_logits[feature], end_logits[feature]
         null_score[example] = min(null_score[example], float(start[0] + end[0]))
-        top_starts = np.argsort(-start)[:n_best]
-        top_ends = np.argsort(-end)[:n_best]
+        # The n best among passage tokens only: question, special and padding positions can never
+        # be part of an answer, and an undertrained model may score them highest.
+        passage = np.flatnonzero(offsets[feature, :, 0] >= 0)
+        top_starts = passage[np.argsort(-start[passage], kind="stable")[:n_best]]
+        top_ends = passage[np.argsort(-end[passage], kind="stable")[:n_best]]
         for start_position in top_starts:
-            if offsets[feature, start_position, 0] < 0 or not max_context[feature, start_position]:
+            if not max_context[feature, start_position]:
                 continue
             for end_position in top_ends:
-                if offsets[feature, end_position, 0] < 0 or end_position < start_position:
+                if end_position < start_position:
                     continue
                 if end_position - start_position + 1 > max_answer_length:
                     continue
