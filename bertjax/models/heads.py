@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from bertjax.config import FEATURES
 from bertjax.models.axes import CLASSES, EMBED, LAYERS, VOCAB
 from bertjax.models.encoder import BertConfig, Encoder, dense, gelu, layer_norm, zeros_init
 
@@ -109,9 +110,6 @@ class ScalarMix(nn.Module):
         return gamma * mixed
 
 
-FEATURE_COMBINATIONS = ("last", "sum_last4", "concat_last4", "scalar_mix")
-
-
 class LayerCombination(nn.Module):
     """The features a frozen encoder offers a new head: the last layer, the sum or the concatenation
     of the last four (the BERT paper's feature-based NER table), or a learned scalar mix of all."""
@@ -128,7 +126,7 @@ class LayerCombination(nn.Module):
             return jnp.concatenate(hidden_states[-4:], axis=-1)
         if self.features == "scalar_mix":
             return ScalarMix(name="scalar_mix")(hidden_states)
-        raise ValueError(f"features={self.features!r}: choose one of {FEATURE_COMBINATIONS}")
+        raise ValueError(f"features={self.features!r}: choose one of {FEATURES}")
 
 
 TASK_FAMILIES = ("single", "pair", "tagging", "span")
