@@ -115,3 +115,46 @@ def test_init_from_a_run_with_other_shapes_names_the_parameter(shared_data, tmp_
     config.init_from = f"{workdir}:1"
     with pytest.raises(ValueError, match=r"parameter encoder/\S+ has shape \(\d+,?\d*\) in the checkpoint"):
         pretrain.train_and_evaluate(config, tmp_path)
+
+
+def run_steps_directly(config, batches):
+    """The jitted train step of `train_and_evaluate` on given batches; returns (state, losses)."""
+    from bertjax import models
+    from bertjax.train import optim, partitioning
+    from bertjax.train import state as state_lib
+
+    mesh = partitioning.make_mesh(config.mesh)
+    rules = partitioning.rules(config.mesh)
+    model = models.BertForPreTraining(models.BertConfig.from_config(config.model))
+    seq_len = config.data.max_seq_length
+    tx = optim.create(config.optim, config.train.total_steps, state_lib.abstract_params(model, seq_len))
+    state, _ = state_lib.create(model, tx, config.train.seed, seq_len, mesh, rules)
+    step = jax.jit(pretrain.make_train_step(model, tx, optim.learning_rate_schedule(config.optim, config.train.total_steps), config))
+    losses = []
+    for batch in batches:
+        state, values = step(state, partitioning.global_batch(batch, mesh, rules))
+        losses.append(float(values["loss"]))
+    return state, losses
+
+
+def test_gradient_accumulation_and_bfloat16(shared_data):
+    from bertjax.data import loader
+
+    config = tiny_config(shared_data, total_steps=2)
+    config.model.update(hidden_dropout=0.0, attention_dropout=0.0)
+    config.mesh.update(data=1, fsdp=1, tensor=1)  # one device: the cheapest compiles
+    batches = [batch for _, batch in zip(range(2), loader.batches(config))]
+    whole, whole_losses = run_steps_directly(config, batches)
+    config.train.grad_accum_steps = 4
+    accumulated, accumulated_losses = run_steps_directly(config, batches)
+    # The same update: micro-batches are normalised by the whole batch's totals.
+    np.testing.assert_allclose(accumulated_losses, whole_losses, rtol=1e-5)
+    for x, y in zip(jax.tree.leaves(whole.params), jax.tree.leaves(accumulated.params), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=2e-5)
+    config.train.grad_accum_steps = 1
+    config.model.dtype = "bfloat16"
+    low, low_losses = run_steps_directly(config, batches)
+    # bfloat16 compute, float32 parameters and optimizer state.
+    assert {leaf.dtype for leaf in jax.tree.leaves(low.params)} == {np.dtype("float32")}
+    assert {leaf.dtype for leaf in jax.tree.leaves(low.opt_state) if np.ndim(leaf)} == {np.dtype("float32")}
+    np.testing.assert_allclose(low_losses, whole_losses, rtol=2e-2)
