@@ -194,14 +194,18 @@ def evaluation(eval_step, params, config, mesh, rule_table) -> dict:
 @contextlib.contextmanager
 def stop_requests():
     """Yields a list that receives the signal's name on SIGTERM or SIGINT: the loop then finishes the
-    step, saves a checkpoint and returns (a scheduler's preemption, or Ctrl-C)."""
+    step, saves a checkpoint and returns (a scheduler's preemption, or Ctrl-C; a second Ctrl-C
+    interrupts at once)."""
     received: list[str] = []
     if threading.current_thread() is not threading.main_thread():
         yield received
         return
 
     def handler(signum, frame):
+        if received and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now, without the final checkpoint
         received.append(signal.Signals(signum).name)
+        log.warning("%s: finishing this step, saving a checkpoint, then stopping", received[-1])
 
     previous = {signum: signal.signal(signum, handler) for signum in (signal.SIGTERM, signal.SIGINT)}
     try:
@@ -244,6 +248,11 @@ def train_and_evaluate(config, workdir) -> dict:
     # --- Data
     from bertjax.data import loader, tokenizer
 
+    if config.init_from and not config.data.tokenizer:
+        # Parameters from another run only mean something with that run's vocabulary.
+        config = config.copy_and_resolve_references()
+        config.data.tokenizer = str(checkpoints_lib.tokenizer_path(config.init_from))
+        log.info("init_from %s: using its tokenizer %s", config.init_from, config.data.tokenizer)
     tok = tokenizer.for_config(config)
     if tok.vocab_size != config.model.vocab_size:
         raise ValueError(
