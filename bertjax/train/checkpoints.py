@@ -25,6 +25,7 @@ import json
 import pathlib
 import subprocess
 
+import grain
 import jax
 import ml_collections
 import numpy as np
@@ -82,6 +83,11 @@ class Checkpoints:
     """The checkpoints of one run: save on schedule, resume from the newest complete one."""
 
     def __init__(self, workdir, checkpoint_config, total_steps: int):
+        if checkpoint_config.keep < 1 or checkpoint_config.every < 1:
+            raise ValueError(
+                f"config.checkpoint.keep={checkpoint_config.keep}, every={checkpoint_config.every}: both must be at least 1 "
+                "(the newest rolling checkpoint is what a run resumes from)"
+            )
         self.directory = pathlib.Path(workdir).absolute() / CHECKPOINTS
         self.every = checkpoint_config.every
         self.total_steps = total_steps
@@ -110,7 +116,7 @@ class Checkpoints:
             args=ocp.args.Composite(
                 params=ocp.args.StandardSave(state.params),
                 train=ocp.args.StandardSave({"step": state.step, "opt_state": state.opt_state}),
-                data=_grain_save(data_iterator),
+                data=grain.checkpoint.CheckpointSave(data_iterator),
                 metadata=ocp.args.JsonSave(metadata),
             ),
             force=True,
@@ -133,7 +139,7 @@ class Checkpoints:
             args=ocp.args.Composite(
                 params=ocp.args.StandardRestore(abstract.params),
                 train=ocp.args.StandardRestore({"step": abstract.step, "opt_state": abstract.opt_state}),
-                data=_grain_restore(data_iterator),
+                data=grain.checkpoint.CheckpointRestore(data_iterator),
             ),
         )
         state = abstract.replace(params=restored["params"], step=restored["train"]["step"], opt_state=restored["train"]["opt_state"])
@@ -160,18 +166,6 @@ class Checkpoints:
         self.manager.wait_until_finished()
         self.write_index()
         self.manager.close()
-
-
-def _grain_save(data_iterator):
-    import grain
-
-    return grain.checkpoint.CheckpointSave(data_iterator)
-
-
-def _grain_restore(data_iterator):
-    import grain
-
-    return grain.checkpoint.CheckpointRestore(data_iterator)
 
 
 def read_metadata(directory, step: int) -> dict:

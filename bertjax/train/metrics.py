@@ -84,7 +84,7 @@ class Writer:
 
 
 def _plain(value):
-    """A JSON-ready number (NaN/inf as strings would break readers, so they stay floats)."""
+    """Plain Python values for JSON (device scalars and numpy numbers become floats)."""
     if value is None:
         return None
     return float(value) if not isinstance(value, (int, str)) else value

@@ -37,7 +37,6 @@ class StateSpec:
 
     abstract: TrainState  # jax.ShapeDtypeStruct leaves, with shardings
     shardings: TrainState  # NamedSharding leaves
-    boxed_params: Any  # abstract parameters with their logical axis names
 
 
 def example_inputs(batch_size: int, seq_len: int) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -70,7 +69,7 @@ def create(model: nn.Module, tx: optax.GradientTransformation, seed: int, seq_le
     )
     state = jax.jit(init, out_shardings=shardings)(jax.random.key(seed))
     abstract_with_shardings = jax.tree.map(lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding), abstract, shardings)
-    return state, StateSpec(abstract=abstract_with_shardings, shardings=shardings, boxed_params=boxed)
+    return state, StateSpec(abstract=abstract_with_shardings, shardings=shardings)
 
 
 def dropout_key(dropout_seed: int, step: jax.Array) -> jax.Array:
