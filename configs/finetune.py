@@ -1,4 +1,4 @@
-"""Fine-tuning on a downstream task: one variant per task, the four task families of the BERT paper.
+r"""Fine-tuning on a downstream task: one variant per task, the four task families of the BERT paper.
 
   bertjax finetune --config configs/finetune.py:sst2 --workdir runs/sst2 --config.init_from=runs/tiny
   bertjax finetune --config configs/finetune.py:conll2003 --workdir runs/ner --config.finetune.regime=features \
@@ -16,10 +16,13 @@ $GLUE_DIR / $SQUAD_DIR (default data/glue, data/squad) for the others; override 
 
 Each run writes WORKDIR/results.json: every metric's mean, std, median and per-seed values on the
 dev set at each seed's best evaluation step. From a random init (no init_from, logged as a
-warning) a tiny model beats SST-2's majority class (50.9%) within a few minutes on 2 CPU cores:
+warning) a small model beats SST-2's majority class (50.9%): this gives 65.8-66.5% dev accuracy
+over seeds 0-3, about 25 s a seed on 2 CPU cores:
 
-  bertjax finetune --config configs/finetune.py:sst2 --workdir runs/sst2-scratch \
-      --config.data.max_train_examples=8000 --config.train.epochs=2
+  bertjax finetune --config configs/finetune.py:sst2 --workdir runs/sst2-scratch --config.seeds=4 \
+      --config.data.max_train_examples=3000 --config.data.max_seq_length=48 --config.model.hidden_size=64 \
+      --config.model.intermediate_size=256 --config.model.vocab_size=1000 --config.train.batch_size=16 \
+      --config.train.epochs=2 --config.optim.lr=1e-3
 """
 
 import os
