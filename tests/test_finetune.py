@@ -79,6 +79,7 @@ def test_regimes_freeze_exactly_what_they_say(task, regime, files, data, shared_
     config.finetune.regime = regime
     config.finetune.freeze_layers = 1
     config.finetune.features = "scalar_mix"
+    config.optim.layerwise_lr_decay = 0.8
     results = finetune.train_and_evaluate(config, tmp_path)
     assert set(config.task.metrics) <= set(results) and results["init_from"] == str(source)
 
@@ -100,6 +101,20 @@ def test_regimes_freeze_exactly_what_they_say(task, regime, files, data, shared_
         assert ("combination", "scalar_mix", "weights") in after
         losses = [row["loss"] for row in map(json.loads, (tmp_path / "seed_0/metrics.jsonl").read_text().splitlines()) if "loss" in row]
         assert losses[-1] < losses[0]
+
+    # predict answers in the task's own terms: a label, a tag per word, or a span of the passage.
+    inputs = {
+        "cola": ["The cat sat on the mat ."],
+        "conll2003": ["John Smith lives in London ."],
+        "xquad": ["Who wrote it ?\tIt was written by Herman Melville in 1851 ."],
+    }[task]
+    (prediction,) = finetune.predict(tmp_path, inputs)
+    if task == "cola":
+        assert prediction in ("0", "1")
+    elif task == "conll2003":
+        assert len(prediction.split()) == 6 and set(prediction.split()) <= set(json.loads((tmp_path / "labels.json").read_text()))
+    else:
+        assert prediction in inputs[0].split("\t")[1]
 
 
 def test_frozen_parameters_carry_no_optimizer_state(pretrained):
