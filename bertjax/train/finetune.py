@@ -96,6 +96,9 @@ def _tokenizer(config, workdir: pathlib.Path, train_records) -> tuple[tokenizer_
             tok, own = tokenizer_lib.load(config.data.tokenizer), False
     elif config.data.tokenizer:
         tok, own = tokenizer_lib.load(config.data.tokenizer), False
+    elif (workdir / checkpoints.TOKENIZER / tokenizer_lib.SENTENCEPIECE_FILE).exists():
+        # A rerun of this workdir (more seeds): the seeds already run used this tokenizer.
+        tok, own = tokenizer_lib.load(workdir / checkpoints.TOKENIZER), True
     else:
         path = tokenizer_lib.train_from_sentences(
             _record_texts(train_records), config.model.vocab_size, workdir / checkpoints.TOKENIZER, description=f"{config.data.train} (task train text)"
