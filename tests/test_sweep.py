@@ -80,7 +80,7 @@ def test_plan_user_overrides_apply_to_all_arms_but_arm_keys_win(tmp_path):
         assert f"--config.data.sentence_objective={p.arm.name.split('-')[0]}" in p.pretrain
         assert p.finetune[p.finetune.index("--config") + 1] == "configs/finetune.py:sst2"
         assert f"--config.init_from={p.workdir / 'pretrain'}" in p.finetune
-        assert "--config.train.total_steps=400" in p.finetune
+        assert "--config.train.total_steps=500" in p.finetune and "--config.data.max_seq_length=64" in p.finetune
 
 
 def fake_finished_run(run_dir: pathlib.Path, losses, extra=None, results=None):
