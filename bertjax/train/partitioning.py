@@ -25,6 +25,7 @@ from flax import linen as nn
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from bertjax.models import axes
+from bertjax.train.optim import path_names
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -136,10 +137,6 @@ def _fit_to_shape(spec: PartitionSpec, shape: tuple[int, ...], mesh: Mesh, name:
     return PartitionSpec(*fitted)
 
 
-def _key_names(path) -> tuple[str, ...]:
-    return tuple(str(getattr(key, "key", getattr(key, "name", getattr(key, "idx", key)))) for key in path)
-
-
 def param_shardings(abstract_boxed_params, mesh: Mesh, rule_table) -> dict:
     """NamedShardings for the (unboxed) parameters, from the logical names the model gave them."""
     logical = nn.get_partition_spec(abstract_boxed_params)
@@ -147,7 +144,7 @@ def param_shardings(abstract_boxed_params, mesh: Mesh, rule_table) -> dict:
 
     def sharding(path, names, shape):
         spec = logical_to_mesh_spec(names, rule_table)
-        return NamedSharding(mesh, _fit_to_shape(spec, shape.shape, mesh, "/".join(_key_names(path))))
+        return NamedSharding(mesh, _fit_to_shape(spec, shape.shape, mesh, "/".join(path_names(path))))
 
     return jax.tree_util.tree_map_with_path(sharding, logical, shapes, is_leaf=lambda x: isinstance(x, PartitionSpec))
 
@@ -158,12 +155,12 @@ def mirror_shardings(abstract_tree, params_shardings, params_shapes, mesh: Mesh)
     (step counts, scalars) are replicated."""
     by_path = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(params_shardings)[0]:
-        by_path[_key_names(path)] = leaf
-    shape_by_path = {_key_names(path): leaf.shape for path, leaf in jax.tree_util.tree_flatten_with_path(params_shapes)[0]}
+        by_path[path_names(path)] = leaf
+    shape_by_path = {path_names(path): leaf.shape for path, leaf in jax.tree_util.tree_flatten_with_path(params_shapes)[0]}
     replicated = NamedSharding(mesh, PartitionSpec())
 
     def sharding(path, leaf):
-        names = _key_names(path)
+        names = path_names(path)
         for start in range(len(names)):
             suffix = names[start:]
             if suffix in by_path and shape_by_path[suffix] == leaf.shape:
