@@ -25,7 +25,7 @@ def compilation_cache(tmp_path_factory):
 def tiny_config(shared_data, **train):
     config = config_lib.pretrain_config("tiny")
     config.model.update(num_layers=1, hidden_size=32, num_heads=2, intermediate_size=64, vocab_size=1000)
-    config.data.update(corpus=str(shared_data / "corpus" / "moby-dick.txt"), max_seq_length=32, max_predictions=5)
+    config.data.update(corpus=str(shared_data / "corpus" / "moby-dick.txt"), max_seq_length=32, max_predictions=5, sentence_objective="sop")
     config.train.update(batch_size=8, total_steps=6, log_every=1, eval_every=1000, eval_batches=1, progress=False)
     config.train.update(train)
     config.optim.update(warmup_steps=2, lr=3e-3)
@@ -64,7 +64,8 @@ def test_resume_is_exact(shared_data, tmp_path, uninterrupted):
     assert second["step"] == 6 and second["tokens_seen"] == 6 * 8 * 32
     assert logged(tmp_path) == logged(workdir)
     assert [step for step, _ in logged(tmp_path)] == [1, 2, 3, 4, 5, 6]
-    assert logged(tmp_path, "eval/mlm_loss") == logged(workdir, "eval/mlm_loss")
+    for key in ("eval/mlm_loss", "eval/sop_accuracy", "eval/nsp_accuracy"):
+        assert logged(tmp_path, key) == logged(workdir, key) != []
     _, resumed_params = checkpoints.load_params(str(tmp_path))
     _, params = checkpoints.load_params(str(workdir))
     assert_trees_equal(params, resumed_params)
@@ -100,12 +101,16 @@ def test_same_losses_on_every_mesh(shared_data, tmp_path):
 
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(shared_data, tmp_path):
     config = tiny_config(shared_data, inject_nan_at_step=5, log_every=2)
+    config.data.sentence_objective = "none"  # the MLM loss alone
     config.checkpoint.every = 2
     with pytest.raises(pretrain.NonFiniteLossError, match="at step 5; stopping \\(step 4 is the last good checkpoint\\)"):
         pretrain.train_and_evaluate(config, tmp_path)
     _, params = checkpoints.load_params(str(tmp_path))
     assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(params))
     assert [entry["step"] for entry in checkpoints.index(tmp_path)] == [4]
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [record["step"] for record in records] == [2, 4]
+    assert not any("sentence_loss" in record for record in records)
 
 
 def test_init_from_a_run_with_other_shapes_names_the_parameter(shared_data, tmp_path, uninterrupted):
