@@ -3,6 +3,7 @@ then the same command resumes from the last complete checkpoint; SIGTERM saves a
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -91,7 +92,7 @@ def test_kill_9_then_the_same_command_resumes_from_a_complete_checkpoint(shared_
     assert killed_at < 40
     resumed = subprocess.run(args, env=environment, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    resumed_from = int(resumed.stderr.split("resumed from")[1].split("step")[1].split()[0])
+    resumed_from = int(re.search(r"resumed from \S+ step (\d+)", resumed.stderr).group(1))
     assert 6 <= resumed_from <= killed_at
     assert "pretrain done: step=40" in resumed.stdout
     # One uninterrupted record per step: the lines the killed run wrote past the checkpoint were dropped.
