@@ -145,10 +145,6 @@ class Checkpoints:
         state = abstract.replace(params=restored["params"], step=restored["train"]["step"], opt_state=restored["train"]["opt_state"])
         return state, metadata
 
-    def restore_params(self, step: int, abstract_params):
-        check_shapes(abstract_params, self.metadata(step)["param_shapes"], f"{self.directory / str(step)}")
-        return self.manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params)))["params"]
-
     def write_index(self) -> None:
         """checkpoints/index.json: one entry per checkpoint on disk (or being written), oldest first."""
         if jax.process_index() != 0:
@@ -158,9 +154,6 @@ class Checkpoints:
             metadata = self.metadata(step)
             entries.append({key: metadata.get(key) for key in ("step", "kept", "tokens_seen", "config_hash", "git_revision", "time")})
         (self.directory / "index.json").write_text(json.dumps(entries, indent=1) + "\n")
-
-    def wait(self) -> None:
-        self.manager.wait_until_finished()
 
     def close(self) -> None:
         self.manager.wait_until_finished()

@@ -175,10 +175,6 @@ def batch_sharding(mesh: Mesh, rule_table, ndim: int) -> NamedSharding:
     return NamedSharding(mesh, logical_to_mesh_spec((axes.BATCH,) + (None,) * (ndim - 1), rule_table))
 
 
-def batch_shardings(batch: dict, mesh: Mesh, rule_table) -> dict:
-    return {name: batch_sharding(mesh, rule_table, np.ndim(value)) for name, value in batch.items()}
-
-
 def global_batch(local_batch: dict, mesh: Mesh, rule_table) -> dict:
     """Assemble the global batch from this process's part (all of it on one host)."""
     return {
