@@ -149,10 +149,10 @@ def make_eval_step(model):
 # --- Evaluation ------------------------------------------------------------------------------------
 
 
-def _other_objective(config):
-    """The config with NSP and SOP swapped (the ALBERT cross-evaluation's eval data)."""
+def _with_objective(config, objective: str):
+    """The config with another sentence objective: the eval data of the ALBERT cross-evaluation."""
     other = config.copy_and_resolve_references()
-    other.data.sentence_objective = {"nsp": "sop", "sop": "nsp"}[config.data.sentence_objective]
+    other.data.sentence_objective = objective
     return other
 
 
@@ -179,12 +179,14 @@ def evaluation(eval_step, params, config, mesh, rule_table) -> dict:
     """eval/ metrics: MLM loss and accuracy, sentence accuracy, and NSP and SOP accuracy (ALBERT)."""
     num_batches = config.train.eval_batches
     results = {f"eval/{key}": float(value) for key, value in means(evaluate(eval_step, params, config, mesh, rule_table, num_batches)).items()}
-    objective = config.data.sentence_objective
-    if objective in SENTENCE_OBJECTIVES:
-        results[f"eval/{objective}_accuracy"] = results["eval/sentence_accuracy"]
-        other = _other_objective(config)
-        other_sums = evaluate(eval_step, params, other, mesh, rule_table, num_batches)
-        results[f"eval/{other.data.sentence_objective}_accuracy"] = other_sums["sentence_correct"] / other_sums["sentence_count"]
+    # Every model is scored on both sentence tasks, whatever it trained on (ALBERT, Table 5): an
+    # NSP-trained model on SOP data, an SOP-trained one on NSP data, an untrained head (none) on both.
+    for objective in SENTENCE_OBJECTIVES:
+        if objective == config.data.sentence_objective:
+            results[f"eval/{objective}_accuracy"] = results["eval/sentence_accuracy"]
+        else:
+            sums = evaluate(eval_step, params, _with_objective(config, objective), mesh, rule_table, num_batches)
+            results[f"eval/{objective}_accuracy"] = sums["sentence_correct"] / sums["sentence_count"]
     return results
 
 
