@@ -146,3 +146,58 @@ def test_collect_aggregates_seeds_and_draws_plots(tmp_path):
 def test_collect_without_arms_says_so(tmp_path):
     with pytest.raises(FileNotFoundError, match="no arms"):
         sweep.collect(tmp_path)
+
+
+TINY_SWEEP = '''
+from bertjax import config as config_lib
+from bertjax.sweep import Arm, product, seeds
+
+
+def get_config():
+    config = config_lib.ablation_config("tiny")
+    config.data.corpus = "{corpus}"
+    config.data.data_dir = "{cache}"
+    config.data.max_seq_length = 32
+    config.data.max_predictions = 5
+    config.data.eval_fraction = 0.05
+    config.model.update(dict(num_layers=1, hidden_size=32, num_heads=2, intermediate_size=64, vocab_size=600))
+    config.train.update(dict(batch_size=8, total_steps=40, eval_every=3, eval_batches=1, log_every=1, progress=False))
+    config.checkpoint.every = 3
+    config.optim.warmup_steps = 1
+    config.sweep.task = "configs/finetune.py:sst2"
+    config.sweep.finetune.train.update(dict(total_steps=3, batch_size=8, eval_every=3))
+    config.sweep.finetune.data.update(dict(max_train_examples=64, max_seq_length=32))
+    return config
+
+
+def get_sweep():
+    return product([Arm("nsp", {{"data.sentence_objective": "nsp"}}), Arm("sop", {{"data.sentence_objective": "sop"}})], seeds(1))
+'''
+
+
+def test_two_arm_sweep_end_to_end(tmp_path, shared_data, monkeypatch):
+    """The real CLI: two arms pretrain on real text and fine-tune on SST-2; the table has both."""
+    monkeypatch.setenv("BERTJAX_SHARED_DATA", str(shared_data))
+    monkeypatch.chdir(config_lib.REPO_ROOT)
+    spec_path = tmp_path / "tiny_sweep.py"
+    spec_path.write_text(TINY_SWEEP.format(corpus=shared_data / "corpus" / "moby-dick.txt", cache=tmp_path / "cache"))
+    spec = str(spec_path)
+    config = config_lib.load(spec)
+    overrides = ["--config.train.total_steps=3"]
+    config.train.total_steps = 3
+    config.sweep.finetune.data.update(dict(max_dev_examples=64))
+    statuses = sweep.run(spec, config, str(tmp_path / "runs"), overrides)
+    assert statuses == [dict(arm=a, pretrain="done", finetune="done") for a in ("nsp-seed0", "sop-seed0")], statuses
+    for arm, objective in (("nsp-seed0", "nsp"), ("sop-seed0", "sop")):
+        pretrain = json.loads((tmp_path / "runs" / arm / "pretrain" / "config.json").read_text())
+        assert pretrain["train"]["total_steps"] == 3, "the sweep-level override reaches every arm"
+        assert pretrain["data"]["sentence_objective"] == objective, "the arm's own key wins"
+        last = sweep.read_metrics(tmp_path / "runs" / arm / "pretrain")[-1]
+        assert last["step"] == 3 and {"eval/nsp_accuracy", "eval/sop_accuracy"} <= set(last)
+        results = json.loads((tmp_path / "runs" / arm / "finetune" / "results.json").read_text())
+        assert 0.0 <= results["accuracy"]["mean"] <= 1.0
+    table = (tmp_path / "runs" / "results.md").read_text()
+    assert "| nsp | 1/1 |" in table and "| sop | 1/1 |" in table and "dev/accuracy" in table
+    calls = []
+    sweep.run(spec, config, str(tmp_path / "runs"), overrides, runner=lambda command, log: calls.append(command) or 0)
+    assert calls == [], "a finished sweep re-run runs nothing"
