@@ -17,6 +17,9 @@ import optax
 
 from bertjax import models
 
+# Both decouple weight decay from the gradient statistics and take the same decay mask.
+OPTIMIZERS = {"adamw": optax.adamw, "lamb": optax.lamb}
+
 
 def path_names(path) -> tuple[str, ...]:
     """('encoder', 'layer_0', 'attention', 'query', 'kernel') from a jax key path."""
@@ -90,26 +93,16 @@ def create(optim_config, total_steps: int, params, frozen=None) -> optax.Gradien
     frozen: None, or a pytree of bools with the structure of params (True = frozen).
     """
     schedule = learning_rate_schedule(optim_config, total_steps)
-    if optim_config.name == "adamw":
-        optimizer = optax.adamw(
-            schedule,
-            b1=optim_config.b1,
-            b2=optim_config.b2,
-            eps=optim_config.eps,
-            weight_decay=optim_config.weight_decay,
-            mask=weight_decay_mask,
-        )
-    elif optim_config.name == "lamb":
-        optimizer = optax.lamb(
-            schedule,
-            b1=optim_config.b1,
-            b2=optim_config.b2,
-            eps=optim_config.eps,
-            weight_decay=optim_config.weight_decay,
-            mask=weight_decay_mask,
-        )
-    else:
-        raise ValueError(f"config.optim.name={optim_config.name!r}: choose adamw or lamb")
+    if optim_config.name not in OPTIMIZERS:
+        raise ValueError(f"config.optim.name={optim_config.name!r}: choose one of {sorted(OPTIMIZERS)}")
+    optimizer = OPTIMIZERS[optim_config.name](
+        schedule,
+        b1=optim_config.b1,
+        b2=optim_config.b2,
+        eps=optim_config.eps,
+        weight_decay=optim_config.weight_decay,
+        mask=weight_decay_mask,
+    )
     parts = []
     if optim_config.grad_clip and optim_config.grad_clip > 0:
         parts.append(optax.clip_by_global_norm(optim_config.grad_clip))
