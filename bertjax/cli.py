@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import pathlib
 import sys
 
 from absl import flags
@@ -27,18 +28,46 @@ from ml_collections import config_flags
 from bertjax import config as config_lib
 
 
+def _flag_error(error: Exception) -> str:
+    """ml_collections puts its did-you-mean hint inside a repr'd KeyError; unwrap it for the user."""
+    text = str(error.args[0] if error.args else error)
+    while text[:1] in "'\"" and text[-1:] == text[:1]:
+        text = text[1:-1]
+    return text.replace("\\n", " ").replace("\n", " ").replace("\\'", "'").replace("\\", "")
+
+
+def _repo_relative_config(argv: list[str]) -> list[str]:
+    """`--config configs/x.py:arg` also works outside the clone: a relative path missing here is taken from the repo."""
+    resolved = []
+    for index, arg in enumerate(argv):
+        previous = argv[index - 1] if index else ""
+        if previous == "--config" or arg.startswith("--config="):
+            prefix, spec = ("", arg) if previous == "--config" else ("--config=", arg.split("=", 1)[1])
+            path, colon, variant = spec.partition(":")
+            if not pathlib.Path(path).exists():
+                if not (config_lib.REPO_ROOT / path).exists():
+                    raise SystemExit(f"bertjax: config file {path!r} does not exist (here or under {config_lib.REPO_ROOT})")
+                arg = f"{prefix}{config_lib.REPO_ROOT / path}{colon}{variant}"
+        resolved.append(arg)
+    return resolved
+
+
 def _parse_config_flags(verb: str, argv: list[str], default_config: str | None, define_extra=None, doc: str = ""):
     """Parse `--config file.py:arg --config.key=value ...` plus the verb's own absl flags."""
+    argv = _repo_relative_config(argv)
     flag_values = flags.FlagValues()
-    config_flags.DEFINE_config_file(
-        "config",
-        default=default_config,
-        help_string="Config file and argument, `path/to/file.py:arg`; override keys with --config.KEY=VALUE.",
-        flag_values=flag_values,
-        lock_config=True,
-        # The overrides are read from this argv, not sys.argv, so that cli.main([...]) applies them.
-        sys_argv=[f"bertjax {verb}"] + list(argv),
-    )
+    try:
+        config_flags.DEFINE_config_file(
+            "config",
+            default=default_config,
+            help_string="Config file and argument, `path/to/file.py:arg`; override keys with --config.KEY=VALUE.",
+            flag_values=flag_values,
+            lock_config=True,
+            # The overrides are read from this argv, not sys.argv, so that cli.main([...]) applies them.
+            sys_argv=[f"bertjax {verb}"] + list(argv),
+        )
+    except (flags.Error, AttributeError, KeyError, ValueError, OSError) as error:
+        raise SystemExit(f"bertjax {verb}: {_flag_error(error)}") from None
     if define_extra:
         define_extra(flag_values)
     if any(arg in ("-h", "--help", "-help", "--helpfull") for arg in argv):
@@ -50,8 +79,8 @@ def _parse_config_flags(verb: str, argv: list[str], default_config: str | None, 
         raise SystemExit(f"bertjax {verb}: --config is required (see bertjax {verb} --help)")
     try:
         unparsed = flag_values([f"bertjax {verb}"] + argv)
-    except (flags.Error, AttributeError, KeyError, ValueError) as error:
-        raise SystemExit(f"bertjax {verb}: {error}") from None
+    except (flags.Error, AttributeError, KeyError, ValueError, OSError) as error:
+        raise SystemExit(f"bertjax {verb}: {_flag_error(error)}") from None
     if len(unparsed) > 1:
         raise SystemExit(f"bertjax {verb}: unexpected arguments {unparsed[1:]} (see bertjax {verb} --help)")
     config = flag_values.config
