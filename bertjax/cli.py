@@ -271,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
         print(__doc__.strip(), file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    # Orbax reports every phase of every save at INFO through absl; our own progress lines say enough.
+    logging.getLogger("absl").setLevel(logging.WARNING)
     verb(argv[1:])
     return 0
 
