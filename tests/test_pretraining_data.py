@@ -150,3 +150,17 @@ def test_assemble_lays_out_cls_a_sep_b_sep_and_padding():
         np.testing.assert_array_equal(batch["token_type_ids"][row, :length], [0] * (len(a) + 2) + [1] * (len(b) + 1))
         assert (batch["token_type_ids"][row, length:] == 0).all()
     np.testing.assert_array_equal(batch["sentence_label"], instances.label)
+
+
+def test_nsp_on_one_document_is_an_error_not_a_one_label_split():
+    with pytest.raises(ValueError, match="at least two documents"):
+        pretraining.create_instances(synthetic_documents(1), 64, 0.0, "nsp", seed=0)
+    instances, _ = pretraining.create_instances(synthetic_documents(1), 64, 0.0, "sop", seed=0)
+    assert len(instances) >= 1, "SOP pairs come from within a document: one is enough"
+
+
+def test_the_eval_split_holds_two_documents_so_nsp_has_negatives():
+    documents = [[f"document {i} sentence {j}." for j in range(3)] for i in range(40)]
+    assert corpus._eval_choice(documents, 0.01).sum() == 2
+    assert corpus._eval_choice(documents, 0.25).sum() == 10
+    assert corpus._eval_choice(documents[:3], 0.01).sum() == 1

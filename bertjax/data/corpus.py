@@ -359,11 +359,16 @@ def tokenize_documents(documents: list[Document], tokenizer, description: str = 
 
 
 def _eval_choice(documents: list[Document], fraction: float) -> np.ndarray:
-    """Which documents are held out: the `fraction` whose text hashes lowest (at least one when fraction > 0)."""
+    """Which documents are held out: the `fraction` whose text hashes lowest.
+
+    At least two when the corpus has four or more documents, so that NSP's random segments in the eval
+    split can come from another document (with one, every eval pair would be a real continuation).
+    """
     if fraction <= 0 or len(documents) < 2:
         return np.zeros(len(documents), np.bool_)
     digests = np.array([int.from_bytes(hashlib.sha1("\n".join(d).encode()).digest()[:8], "little") for d in documents], np.uint64)
-    count = min(max(1, int(round(fraction * len(documents)))), len(documents) - 1)
+    at_least = 2 if len(documents) >= 4 else 1
+    count = min(max(at_least, int(round(fraction * len(documents)))), len(documents) - 1)
     chosen = np.zeros(len(documents), np.bool_)
     chosen[np.argsort(digests, kind="stable")[:count]] = True
     return chosen

@@ -132,6 +132,11 @@ def create_instances(
                         rows.append((a_start, a_length, b_start, b_length, 0, document, document))
             chunk_start, chunk_tokens = i, 0
             target = target_length()
+    if objective == "nsp" and num_documents < 2:
+        raise ValueError(
+            f"objective 'nsp' needs at least two documents (its random segments come from another document) "
+            f"but this split has {num_documents}: give a larger data.eval_fraction, a data.eval_corpus, or a corpus with more documents"
+        )
     if not rows:
         raise ValueError(
             f"no pretraining instance: {num_documents} documents, {single_sentence_documents} of them with a single "
