@@ -81,6 +81,7 @@ def test_plan_user_overrides_apply_to_all_arms_but_arm_keys_win(tmp_path):
         assert p.finetune[p.finetune.index("--config") + 1] == "configs/finetune.py:sst2"
         assert f"--config.init_from={p.workdir / 'pretrain'}" in p.finetune
         assert "--config.train.total_steps=500" in p.finetune and "--config.data.max_seq_length=64" in p.finetune
+        assert "--config.seeds=3" in p.finetune
 
 
 def fake_finished_run(run_dir: pathlib.Path, losses, extra=None, results=None):
@@ -167,6 +168,7 @@ def get_config():
     config.sweep.task = "configs/finetune.py:sst2"
     config.sweep.finetune.train.update(dict(total_steps=3, batch_size=8, eval_every=3))
     config.sweep.finetune.data.update(dict(max_train_examples=64, max_seq_length=32))
+    config.sweep.finetune.seeds = 1
     return config
 
 
