@@ -269,6 +269,7 @@ def _last_values(rows: Iterable[dict], keys: Sequence[str]) -> dict:
 
 
 def _downstream(results_path: pathlib.Path) -> dict:
+    """Dev metrics of a fine-tuning run, as lists: one value per fine-tuning seed."""
     if not results_path.exists():
         return {}
     results = json.loads(results_path.read_text())
@@ -276,9 +277,9 @@ def _downstream(results_path: pathlib.Path) -> dict:
     values = {}
     for name, value in metrics.items():
         if isinstance(value, dict) and "mean" in value:
-            values[f"dev/{name}"] = float(value["mean"])
+            values[f"dev/{name}"] = [float(v) for v in value.get("runs", [value["mean"]])]
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            values[f"dev/{name}"] = float(value)
+            values[f"dev/{name}"] = [float(value)]
     return values
 
 
@@ -313,7 +314,9 @@ def collect(workdir: str | pathlib.Path) -> str:
         runs = groups[group]
         row = dict(arm=group, runs=len(runs), finished=int(sum(v["finished"] for v in runs)))
         for column in columns:
-            present = [v[column] for v in runs if column in v]
+            # Pretraining metrics: one value per pretraining seed; dev metrics: one per (pretraining seed,
+            # fine-tuning seed), since fine-tuning varies between seeds as much as the arms often do.
+            present = [x for v in runs if column in v for x in (v[column] if isinstance(v[column], list) else [v[column]])]
             if present:
                 row[column], row[column + " std"] = _mean_std(present)
         rows.append(row)

@@ -130,7 +130,8 @@ def test_collect_aggregates_seeds_and_draws_plots(tmp_path):
     for name, group, loss, accuracy in [("a-seed0", "a", 3.0, 0.6), ("a-seed1", "a", 5.0, 0.8), ("b-seed0", "b", 4.0, 0.5)]:
         arm_dir = root / name
         fake_finished_run(arm_dir / "pretrain", [6.0, loss], {"eval/mlm_accuracy": accuracy / 2})
-        fake_finished_run(arm_dir / "finetune", [0.5], results={"metrics": {"accuracy": {"mean": accuracy, "std": 0.0}}})
+        runs = [accuracy - 0.1, accuracy + 0.1] if group == "b" else [accuracy]
+        fake_finished_run(arm_dir / "finetune", [0.5], results={"accuracy": {"mean": accuracy, "std": 0.1, "runs": runs}})
         (arm_dir / "arm.json").write_text(json.dumps(dict(name=name, group=group, overrides={})))
         (arm_dir / sweep.PRETRAIN_DONE).touch()
     table = sweep.collect(root)
@@ -139,6 +140,8 @@ def test_collect_aggregates_seeds_and_draws_plots(tmp_path):
     assert rows[0].startswith("arm,runs,finished,loss,loss std")
     assert rows[1].startswith("a,2,2,4.0,1.414")
     assert "dev/accuracy" in rows[0]
+    assert table.splitlines()[3].endswith("| 0.5000 ± 0.1414 |"), "dev metrics pool every fine-tuning seed"
+    assert "| 0.7000 ± 0.1414 |" in table.splitlines()[2]
     for png in ("loss_curves.png", "downstream.png"):
         assert (root / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sweep.plot_run(root / "a-seed0" / "pretrain").endswith("curves.png")
