@@ -149,7 +149,7 @@ def plan(config_spec: str, config, workdir: str | pathlib.Path, user_overrides: 
     workdir = pathlib.Path(workdir)
     python = [sys.executable, "-m", "bertjax"]
     user_pretrain = [f for f in user_overrides if not _flag_key(f).startswith("sweep.")]
-    finetune_base = {k: v for k, v in _flatten(config.sweep.finetune).items()}
+    finetune_base = _flatten(config.sweep.finetune)
     plans = []
     for arm in arms:
         arm_dir = workdir / arm.name
