@@ -94,6 +94,22 @@ def test_an_incomplete_checkpoint_is_never_loaded(tmp_path):
     assert [entry["step"] for entry in checkpoints.index(tmp_path / "run")] == [0]
 
 
+def test_a_half_deleted_step_is_ignored_not_fatal(tmp_path):
+    """kill -9 while orbax removes an old checkpoint leaves its directory partly deleted."""
+    config = tiny_config()
+    _, params = random_params(config)
+    checkpoints.save_params(tmp_path / "run", config, params)
+    half_deleted = tmp_path / "run" / "checkpoints" / "5"
+    (half_deleted / "params").mkdir(parents=True)
+    (half_deleted / "train").mkdir()
+    manager = checkpoints.Checkpoints(tmp_path / "run", config.checkpoint, total_steps=10)
+    assert manager.latest_step() == 0
+    manager.close()
+    assert [entry["step"] for entry in checkpoints.index(tmp_path / "run")] == [0]
+    _, loaded = checkpoints.load_params(str(tmp_path / "run"))
+    assert_trees_equal(params, loaded)
+
+
 def test_huggingface_directory_as_a_source(tmp_path):
     from bertjax.convert import hf
 

@@ -22,6 +22,7 @@ Sources for `load_params`, `init_from` and `tokenizer_path`:
 from __future__ import annotations
 
 import json
+import logging
 import pathlib
 import subprocess
 
@@ -36,6 +37,8 @@ from bertjax import config as config_lib
 
 CHECKPOINTS = "checkpoints"
 TOKENIZER = "tokenizer"
+
+log = logging.getLogger(__name__)
 
 
 def kept_steps(checkpoint_config, total_steps: int) -> list[int]:
@@ -101,13 +104,13 @@ class Checkpoints:
             preservation_policy=policy,
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options)
-        self._metadata = {step: read_metadata(self.directory, step) for step in self.manager.all_steps()}
+        self._metadata = {step: read_metadata(self.directory, step) for step in complete_steps(self.directory, self.manager.all_steps())}
 
     def due(self, step: int) -> bool:
         return step % self.every == 0 or step in self.kept or step == self.total_steps
 
     def latest_step(self) -> int | None:
-        return self.manager.latest_step()
+        return max(complete_steps(self.directory, self.manager.all_steps()), default=None)
 
     def save(self, step: int, state, data_iterator, metadata: dict) -> None:
         metadata = {**metadata, "step": int(step), "kept": step in self.kept}
@@ -150,7 +153,7 @@ class Checkpoints:
         if jax.process_index() != 0:
             return
         entries = []
-        for step in self.manager.all_steps():
+        for step in complete_steps(self.directory, self.manager.all_steps()):
             metadata = self.metadata(step)
             entries.append({key: metadata.get(key) for key in ("step", "kept", "tokens_seen", "config_hash", "git_revision", "time")})
         (self.directory / "index.json").write_text(json.dumps(entries, indent=1) + "\n")
@@ -168,11 +171,25 @@ def read_metadata(directory, step: int) -> dict:
     return json.loads(path.read_text())
 
 
+def complete_steps(directory, steps) -> list[int]:
+    """The steps whose directory still holds its params and metadata items. Orbax renames a finished
+    save into place, but removes an old checkpoint file by file: a kill -9 during that removal leaves
+    a step directory that orbax lists and nobody can load."""
+    complete = []
+    for step in sorted(steps):
+        step_dir = pathlib.Path(directory) / str(step)
+        if (step_dir / "metadata" / "metadata").exists() and (step_dir / "params").is_dir():
+            complete.append(step)
+        else:
+            log.warning("%s: incomplete (an interrupted save or deletion): ignored", step_dir)
+    return complete
+
+
 def index(workdir) -> list[dict]:
     """The checkpoints of a run, read from disk: step, kept, tokens seen, config hash, git revision."""
     directory = pathlib.Path(workdir) / CHECKPOINTS
     manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False))
-    return [read_metadata(directory, step) for step in manager.all_steps()]
+    return [read_metadata(directory, step) for step in complete_steps(directory, manager.all_steps())]
 
 
 # --- Loading parameters from another run or from HuggingFace -------------------------------------
@@ -202,7 +219,7 @@ def read_config(workdir) -> ml_collections.ConfigDict:
 def _workdir_step(workdir: pathlib.Path, step: int | None) -> int:
     directory = workdir / CHECKPOINTS
     manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False))
-    steps = manager.all_steps()
+    steps = complete_steps(directory, manager.all_steps())
     if not steps:
         raise FileNotFoundError(f"{directory}: no complete checkpoint")
     if step is None:
