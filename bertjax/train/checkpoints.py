@@ -104,13 +104,20 @@ class Checkpoints:
             preservation_policy=policy,
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options)
-        self._metadata = {step: read_metadata(self.directory, step) for step in complete_steps(self.directory, self.manager.all_steps())}
+        listed = self.manager.all_steps()
+        complete = complete_steps(self.directory, listed)
+        # Judged once, at start-up: later steps are this run's own saves, complete or still in flight.
+        self._incomplete = set(listed) - set(complete)
+        self._metadata = {step: read_metadata(self.directory, step) for step in complete}
 
     def due(self, step: int) -> bool:
         return step % self.every == 0 or step in self.kept or step == self.total_steps
 
+    def steps(self) -> list[int]:
+        return [step for step in self.manager.all_steps() if step not in self._incomplete]
+
     def latest_step(self) -> int | None:
-        return max(complete_steps(self.directory, self.manager.all_steps()), default=None)
+        return max(self.steps(), default=None)
 
     def save(self, step: int, state, data_iterator, metadata: dict) -> None:
         metadata = {**metadata, "step": int(step), "kept": step in self.kept}
@@ -153,7 +160,7 @@ class Checkpoints:
         if jax.process_index() != 0:
             return
         entries = []
-        for step in complete_steps(self.directory, self.manager.all_steps()):
+        for step in self.steps():
             metadata = self.metadata(step)
             entries.append({key: metadata.get(key) for key in ("step", "kept", "tokens_seen", "config_hash", "git_revision", "time")})
         (self.directory / "index.json").write_text(json.dumps(entries, indent=1) + "\n")
