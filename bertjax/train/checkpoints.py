@@ -195,8 +195,13 @@ def complete_steps(directory, steps) -> list[int]:
 def index(workdir) -> list[dict]:
     """The checkpoints of a run, read from disk: step, kept, tokens seen, config hash, git revision."""
     directory = pathlib.Path(workdir) / CHECKPOINTS
+    return [read_metadata(directory, step) for step in _steps_on_disk(directory)]
+
+
+def _steps_on_disk(directory: pathlib.Path) -> list[int]:
+    """The complete steps of a checkpoint directory, read without writing to it."""
     manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False))
-    return [read_metadata(directory, step) for step in complete_steps(directory, manager.all_steps())]
+    return complete_steps(directory, manager.all_steps())
 
 
 # --- Loading parameters from another run or from HuggingFace -------------------------------------
@@ -225,8 +230,7 @@ def read_config(workdir) -> ml_collections.ConfigDict:
 
 def _workdir_step(workdir: pathlib.Path, step: int | None) -> int:
     directory = workdir / CHECKPOINTS
-    manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False))
-    steps = complete_steps(directory, manager.all_steps())
+    steps = _steps_on_disk(directory)
     if not steps:
         raise FileNotFoundError(f"{directory}: no complete checkpoint")
     if step is None:
