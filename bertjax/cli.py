@@ -10,7 +10,8 @@
   bertjax sweep      collect runs/s
   bertjax plot       runs/x
 
-`bertjax VERB --help` explains a verb's flags. Configs are ml_collections ConfigDicts chosen as
+`bertjax VERB --help` explains a verb's flags. A bad input is one line on stderr and exit status 1
+(2 for bad usage); add --verbose (or set BERTJAX_VERBOSE=1) for the traceback. Configs are ml_collections ConfigDicts chosen as
 `file.py:argument` and overridden key by key with `--config.a.b=value`; a key that does not
 exist is an error, never a silently new setting.
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import pathlib
 import sys
 
@@ -26,6 +28,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from bertjax import config as config_lib
+from bertjax import errors
 
 
 def _flag_error(error: Exception) -> str:
@@ -205,9 +208,9 @@ def convert(argv):
     parser.add_argument("--from", dest="source", required=True, help="HF directory, bertjax workdir, or WORKDIR:STEP.")
     parser.add_argument("--to", dest="target", required=True, help="Output directory (must not exist or be empty).")
     args = parser.parse_args(argv)
-    from bertjax.convert import hf
+    from bertjax import checkpoint_io
 
-    print(hf.convert(args.source, args.target))
+    print(checkpoint_io.convert(args.source, args.target))
 
 
 SWEEP_DOC = """bertjax sweep: run every arm of an ablation, resume unfinished ones, collect a table and plots.
@@ -260,8 +263,14 @@ VERBS = {
 }
 
 
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    verbose = "--verbose" in argv or os.environ.get("BERTJAX_VERBOSE", "") not in ("", "0")
+    argv = [arg for arg in argv if arg != "--verbose"]
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(__doc__.strip())
         return 0
@@ -269,11 +278,20 @@ def main(argv: list[str] | None = None) -> int:
     if verb is None:
         print(f"bertjax: unknown verb {argv[0]!r}; choose one of {', '.join(VERBS)}\n", file=sys.stderr)
         print(__doc__.strip(), file=sys.stderr)
-        return 2
+        return errors.EXIT_USAGE
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     # Orbax reports every phase of every save at INFO through absl; our own progress lines say enough.
     logging.getLogger("absl").setLevel(logging.WARNING)
-    verb(argv[1:])
+    try:
+        verb(argv[1:])
+    except errors.UserError as error:
+        if verbose:
+            raise
+        print(f"bertjax {argv[0]}: {_one_line(error)}", file=sys.stderr)
+        return errors.EXIT_ERROR
+    except KeyboardInterrupt:
+        print(f"bertjax {argv[0]}: interrupted", file=sys.stderr)
+        return errors.EXIT_INTERRUPTED
     return 0
 
 

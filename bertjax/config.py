@@ -14,6 +14,8 @@ import pathlib
 
 import ml_collections
 
+from bertjax.errors import UserError
+
 # (num_layers, hidden_size, num_heads); intermediate = 4 * hidden. The published BERT miniatures
 # (Turc et al., 2019) and the two sizes of the BERT paper.
 SIZES = {
@@ -39,7 +41,7 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 DEFAULT_PRETRAIN_CONFIG = f"{REPO_ROOT / 'configs' / 'pretrain.py'}:tiny"
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config value that cannot be used; the message names the key and the value."""
 
 

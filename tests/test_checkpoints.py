@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
+from bertjax import checkpoint_io
 from bertjax import config as config_lib
 from bertjax import models
 from bertjax.train import checkpoints
@@ -49,39 +50,39 @@ def test_kept_schedule_combines_list_every_and_log_spaced_steps():
 def test_save_params_then_load_params_round_trip(tmp_path):
     config = tiny_config()
     _, params = random_params(config)
-    checkpoints.save_params(tmp_path / "imported", config, params)
-    loaded_config, loaded = checkpoints.load_params(str(tmp_path / "imported"))
+    checkpoint_io.save_params(tmp_path / "imported", config, params)
+    loaded_config, loaded = checkpoint_io.load_params(str(tmp_path / "imported"))
     assert loaded_config.model.hidden_size == 32
     assert_trees_equal(params, loaded)
     assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(loaded))
-    _, loaded_at_step = checkpoints.load_params(f"{tmp_path / 'imported'}:0")
+    _, loaded_at_step = checkpoint_io.load_params(f"{tmp_path / 'imported'}:0")
     assert_trees_equal(params, loaded_at_step)
     with pytest.raises(FileNotFoundError, match="no checkpoint at step 7"):
-        checkpoints.load_params(f"{tmp_path / 'imported'}:7")
+        checkpoint_io.load_params(f"{tmp_path / 'imported'}:7")
     with pytest.raises(FileNotFoundError, match="not a bertjax workdir"):
-        checkpoints.load_params(str(tmp_path / "nowhere"))
+        checkpoint_io.load_params(str(tmp_path / "nowhere"))
 
 
 def test_a_mismatched_shape_is_named(tmp_path):
     config = tiny_config(hidden_size=32)
     _, params = random_params(config)
-    checkpoints.save_params(tmp_path / "run", config, params)
+    checkpoint_io.save_params(tmp_path / "run", config, params)
     _, other = random_params(tiny_config(hidden_size=64))
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), other)
     with pytest.raises(ValueError, match=r"parameter encoder/embeddings/LayerNorm/bias has shape \(32,\) in the checkpoint but \(64,\)"):
-        checkpoints.load_params(str(tmp_path / "run"), abstract)
+        checkpoint_io.load_params(str(tmp_path / "run"), abstract)
 
 
 def test_an_incomplete_checkpoint_is_never_loaded(tmp_path):
     config = tiny_config()
     _, params = random_params(config)
-    checkpoints.save_params(tmp_path / "run", config, params)
+    checkpoint_io.save_params(tmp_path / "run", config, params)
     # What a process killed in the middle of saving step 9 leaves behind.
     partial = tmp_path / "run" / "checkpoints" / "9.orbax-checkpoint-tmp"
     (partial / "params").mkdir(parents=True)
     (partial / "metadata").mkdir()
     (partial / "metadata" / "metadata").write_text(json.dumps({"step": 9}))
-    _, loaded = checkpoints.load_params(str(tmp_path / "run"))
+    _, loaded = checkpoint_io.load_params(str(tmp_path / "run"))
     assert_trees_equal(params, loaded)
     manager = checkpoints.Checkpoints(tmp_path / "run", config.checkpoint, total_steps=10)
     assert manager.latest_step() == 0
@@ -91,22 +92,22 @@ def test_an_incomplete_checkpoint_is_never_loaded(tmp_path):
     while partial.exists() and time.time() < deadline:
         time.sleep(0.1)
     assert not partial.exists()
-    assert [entry["step"] for entry in checkpoints.index(tmp_path / "run")] == [0]
+    assert [entry["step"] for entry in checkpoint_io.index(tmp_path / "run")] == [0]
 
 
 def test_a_half_deleted_step_is_ignored_not_fatal(tmp_path):
     """kill -9 while orbax removes an old checkpoint leaves its directory partly deleted."""
     config = tiny_config()
     _, params = random_params(config)
-    checkpoints.save_params(tmp_path / "run", config, params)
+    checkpoint_io.save_params(tmp_path / "run", config, params)
     half_deleted = tmp_path / "run" / "checkpoints" / "5"
     (half_deleted / "params").mkdir(parents=True)
     (half_deleted / "train").mkdir()
     manager = checkpoints.Checkpoints(tmp_path / "run", config.checkpoint, total_steps=10)
     assert manager.latest_step() == 0
     manager.close()
-    assert [entry["step"] for entry in checkpoints.index(tmp_path / "run")] == [0]
-    _, loaded = checkpoints.load_params(str(tmp_path / "run"))
+    assert [entry["step"] for entry in checkpoint_io.index(tmp_path / "run")] == [0]
+    _, loaded = checkpoint_io.load_params(str(tmp_path / "run"))
     assert_trees_equal(params, loaded)
 
 
@@ -116,16 +117,16 @@ def test_huggingface_directory_as_a_source(tmp_path):
     config = tiny_config()
     model, params = random_params(config, seed=3)
     hf.save(model, {"params": params}, tmp_path / "hf")
-    loaded_config, loaded = checkpoints.load_params(str(tmp_path / "hf"))
+    loaded_config, loaded = checkpoint_io.load_params(str(tmp_path / "hf"))
     assert loaded_config.model.hidden_size == 32 and loaded_config.model.num_layers == 1
     for x, y in zip(jax.tree.leaves(params), jax.tree.leaves(loaded)):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6)
-    assert checkpoints.tokenizer_path(str(tmp_path / "hf")) == tmp_path / "hf"
+    assert checkpoint_io.tokenizer_path(str(tmp_path / "hf")) == tmp_path / "hf"
 
 
 def test_tokenizer_path_of_a_workdir(tmp_path):
     (tmp_path / "run" / "tokenizer").mkdir(parents=True)
-    assert checkpoints.tokenizer_path(str(tmp_path / "run")) == tmp_path / "run" / "tokenizer"
-    assert checkpoints.tokenizer_path(f"{tmp_path / 'run'}:100") == tmp_path / "run" / "tokenizer"
+    assert checkpoint_io.tokenizer_path(str(tmp_path / "run")) == tmp_path / "run" / "tokenizer"
+    assert checkpoint_io.tokenizer_path(f"{tmp_path / 'run'}:100") == tmp_path / "run" / "tokenizer"
     with pytest.raises(FileNotFoundError, match="did not save its tokenizer"):
-        checkpoints.tokenizer_path(str(tmp_path / "elsewhere"))
+        checkpoint_io.tokenizer_path(str(tmp_path / "elsewhere"))

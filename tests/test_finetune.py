@@ -15,7 +15,8 @@ from bertjax import config as config_lib
 from bertjax.data import tasks
 from bertjax.data import tokenizer as tokenizer_lib
 from bertjax.models.heads import LayerCombination
-from bertjax.train import checkpoints, finetune, optim
+from bertjax import checkpoint_io
+from bertjax.train import finetune, optim
 from bertjax.train import state as state_lib
 
 TINY = dict(num_layers=2, hidden_size=32, num_heads=2, intermediate_size=64)
@@ -28,13 +29,13 @@ def pretrained(tmp_path_factory, shared_data):
     lines = (shared_data / "glue/SST-2/train.tsv").read_text(encoding="utf-8").splitlines()[1:4000]
     lines += [" ".join(s.words) for s in tasks.read_conll(shared_data / "conll2003/eng.testa")[:500]]
     lines += [e.context for e in tasks.read_squad(shared_data / "squad-format/xquad.en.json")[::10]]
-    tok = tokenizer_lib.load(tokenizer_lib.train_from_sentences(lines, 800, workdir / checkpoints.TOKENIZER))
+    tok = tokenizer_lib.load(tokenizer_lib.train_from_sentences(lines, 800, workdir / checkpoint_io.TOKENIZER))
     config = config_lib.pretrain_config("tiny")
     config.model.update(TINY)
     config.model.vocab_size = tok.vocab_size
     model = models.BertForPreTraining(models.BertConfig.from_config(config.model))
     params = nn.meta.unbox(model.init(jax.random.key(7), *state_lib.example_inputs(1, 16))["params"])
-    checkpoints.save_params(workdir, config, params)
+    checkpoint_io.save_params(workdir, config, params)
     return workdir, params
 
 
@@ -150,7 +151,7 @@ def test_pair_regression_family_and_bad_inputs(shared_data, pretrained, tmp_path
     other = tokenizer_lib.train_from_sentences(["some other text to train on"] * 50 + [f"word{i}" for i in range(400)], 400, tmp_path / "other_tok")
     config = tiny_config("sst2", shared_data, train=str(shared_data / "glue/SST-2/dev.tsv"), dev=str(shared_data / "glue/SST-2/dev.tsv"))
     checkpoint = tmp_path / "no_tokenizer_run"
-    checkpoints.save_params(checkpoint, checkpoints.read_config(pretrained[0]), pretrained[1])  # no tokenizer/ beside it
+    checkpoint_io.save_params(checkpoint, checkpoint_io.read_config(pretrained[0]), pretrained[1])  # no tokenizer/ beside it
     config.init_from, config.data.tokenizer = str(checkpoint), other
     with pytest.raises(tokenizer_lib.TokenizerError, match="pieces but checkpoint .* has a vocabulary of"):
         finetune.train_and_evaluate(config, tmp_path / "bad_vocab")

@@ -216,14 +216,14 @@ def test_config_from_hf_gives_a_model_config():
 def test_convert_verb_round_trips_hf_to_workdir_and_back(small_checkpoint, tmp_path, capsys):
     """`bertjax convert` both ways: HF dir -> bertjax workdir (orbax) -> HF dir gives back the same tensors and vocab."""
     from bertjax import cli
-    from bertjax.train import checkpoints
+    from bertjax import checkpoint_io
 
     (small_checkpoint / "vocab.txt").write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\nhello\n")
     workdir, exported = tmp_path / "workdir", tmp_path / "exported"
     cli.main(["convert", "--from", str(small_checkpoint), "--to", str(workdir)])
-    config, params = checkpoints.load_params(str(workdir))
+    config, params = checkpoint_io.load_params(str(workdir))
     assert config.model.vocab_size == 99 and config.model.size == "custom"
-    assert (workdir / checkpoints.TOKENIZER / "vocab.txt").exists()
+    assert (workdir / checkpoint_io.TOKENIZER / "vocab.txt").exists()
     cli.main(["convert", "--from", str(workdir), "--to", str(exported)])
     assert "wrote HuggingFace checkpoint" in capsys.readouterr().out
     original = safetensors.numpy.load_file(small_checkpoint / hf.WEIGHTS_FILE)
@@ -233,4 +233,4 @@ def test_convert_verb_round_trips_hf_to_workdir_and_back(small_checkpoint, tmp_p
         np.testing.assert_array_equal(written[name], original[name], err_msg=name)
     assert (exported / "vocab.txt").read_text() == (small_checkpoint / "vocab.txt").read_text()
     with pytest.raises(FileExistsError, match="not empty"):
-        hf.convert(str(small_checkpoint), str(workdir))
+        checkpoint_io.convert(str(small_checkpoint), str(workdir))

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from bertjax import config as config_lib
-from bertjax.train import checkpoints, pretrain
+from bertjax import checkpoint_io
+from bertjax.train import pretrain
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -66,8 +67,8 @@ def test_resume_is_exact(shared_data, tmp_path, uninterrupted):
     assert [step for step, _ in logged(tmp_path)] == [1, 2, 3, 4, 5, 6]
     for key in ("eval/mlm_loss", "eval/sop_accuracy", "eval/nsp_accuracy"):
         assert logged(tmp_path, key) == logged(workdir, key) != []
-    _, resumed_params = checkpoints.load_params(str(tmp_path))
-    _, params = checkpoints.load_params(str(workdir))
+    _, resumed_params = checkpoint_io.load_params(str(tmp_path))
+    _, params = checkpoint_io.load_params(str(workdir))
     assert_trees_equal(params, resumed_params)
 
 
@@ -81,8 +82,8 @@ def test_kept_schedule_and_index(uninterrupted):
     assert json.loads((workdir / "config.json").read_text()) == json.loads(config_lib.to_json(config))
     assert sorted(path.name for path in (workdir / "checkpoints").iterdir()) == ["1", "6", "index.json"]
     assert (workdir / "tokenizer").is_dir() and list((workdir / "tensorboard").iterdir())
-    _, kept = checkpoints.load_params(f"{workdir}:1")
-    _, final = checkpoints.load_params(str(workdir))
+    _, kept = checkpoint_io.load_params(f"{workdir}:1")
+    _, final = checkpoint_io.load_params(str(workdir))
     assert not np.allclose(jax.tree.leaves(kept)[0], jax.tree.leaves(final)[0])
 
 
@@ -105,9 +106,9 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(share
     config.checkpoint.every = 2
     with pytest.raises(pretrain.NonFiniteLossError, match="at step 5; stopping \\(step 4 is the last good checkpoint\\)"):
         pretrain.train_and_evaluate(config, tmp_path)
-    _, params = checkpoints.load_params(str(tmp_path))
+    _, params = checkpoint_io.load_params(str(tmp_path))
     assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(params))
-    assert [entry["step"] for entry in checkpoints.index(tmp_path)] == [4]
+    assert [entry["step"] for entry in checkpoint_io.index(tmp_path)] == [4]
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [record["step"] for record in records] == [2, 4]
     assert not any("sentence_loss" in record for record in records)

@@ -296,36 +296,3 @@ def copy_tokenizer_files(source_dir: pathlib.Path, target_dir: pathlib.Path) -> 
     for name in copied:
         shutil.copy(source_dir / name, target_dir / name)
     return copied
-
-
-def convert(source: str, target: str) -> str:
-    """`bertjax convert`: a HF directory becomes a bertjax workdir; a bertjax workdir (or WORKDIR:STEP) a HF directory.
-
-    A WordPiece tokenizer (vocab.txt, tokenizer.json and their configs) travels along, into and out of
-    WORKDIR/tokenizer; a sentencepiece tokenizer has no HF BERT form and stays behind. Returns a line
-    saying what was written.
-    """
-    from bertjax.train import checkpoints
-
-    target_dir = pathlib.Path(target)
-    if target_dir.exists() and any(target_dir.iterdir()):
-        raise FileExistsError(f"--to {target_dir} exists and is not empty")
-    source_dir = pathlib.Path(source)
-    if source_dir.is_dir() and checkpoints.is_huggingface_dir(source_dir):
-        _, variables = load(source_dir)
-        config = config_lib.pretrain_config()
-        config.model = read_config(source_dir)
-        config.data.max_seq_length = min(config.data.max_seq_length, config.model.max_position_embeddings)
-        tokenizer_dir = target_dir.absolute() / checkpoints.TOKENIZER
-        copied = copy_tokenizer_files(source_dir, tokenizer_dir)
-        if copied:
-            config.data.tokenizer = str(tokenizer_dir)
-        checkpoints.save_params(target_dir, config, variables["params"])
-        return f"wrote bertjax workdir {target_dir} from HuggingFace checkpoint {source_dir} (tokenizer files: {copied or 'none'})"
-    config, params = checkpoints.load_params(source)
-    save(BertForPreTraining(BertConfig.from_config(config.model)), {"params": params}, target_dir)
-    try:
-        copied = copy_tokenizer_files(checkpoints.tokenizer_path(source), target_dir)
-    except FileNotFoundError:
-        copied = []
-    return f"wrote HuggingFace checkpoint {target_dir} from bertjax {source} (tokenizer files: {copied or 'none'})"

@@ -46,6 +46,8 @@ from typing import Iterator
 import numpy as np
 import tqdm
 
+from bertjax.errors import UserError
+
 FORMATS = ("auto", "sentences", "documents", "paragraphs", "wikitext")
 PYTHON_DOCS = "python-docs"
 PREPARED_VERSION = "1.0.0"
@@ -64,7 +66,7 @@ _GUTENBERG_END_LINE = re.compile(r"^End of (the )?Project Gutenberg", re.IGNOREC
 _GUTENBERG_END = re.compile(r"^\*\*\* ?END OF (THIS|THE) PROJECT GUTENBERG.*$", re.MULTILINE)
 
 
-class CorpusError(ValueError):
+class CorpusError(UserError, ValueError):
     """Corpus input that cannot be used; the message names the file (and line) or the config key."""
 
 

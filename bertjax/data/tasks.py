@@ -26,10 +26,12 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import tqdm
 
+from bertjax.errors import UserError
+
 log = logging.getLogger(__name__)
 
 
-class TaskDataError(ValueError):
+class TaskDataError(UserError, ValueError):
     """Unusable task data; the message names the file and line (or key)."""
 
 

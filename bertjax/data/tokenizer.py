@@ -26,6 +26,8 @@ import numpy as np
 import sentencepiece as spm
 import tqdm
 
+from bertjax.errors import UserError
+
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 MODEL_TYPES = ("unigram", "bpe")
 # Byte fallback takes 256 pieces and the special tokens 5; fewer leaves no room for real pieces.
@@ -40,7 +42,7 @@ _SPACE_BETWEEN_CJK = re.compile(f"(?<=[{_CJK}]) (?=[{_CJK}])")
 log = logging.getLogger(__name__)
 
 
-class TokenizerError(ValueError):
+class TokenizerError(UserError, ValueError):
     """A tokenizer file or training input that cannot be used; the message names the file."""
 
 

@@ -36,14 +36,14 @@ import tqdm
 from flax import linen as nn
 from flax import traverse_util
 
+from bertjax import checkpoint_io, models
 from bertjax import config as config_lib
-from bertjax import models
 from bertjax.data import tasks
 from bertjax.data import tokenizer as tokenizer_lib
 from bertjax.eval import metrics as metrics_lib
 from bertjax.eval import squad
 from bertjax.models.heads import BertForTask
-from bertjax.train import checkpoints, optim, partitioning
+from bertjax.train import optim, partitioning
 from bertjax.train import metrics as writers
 from bertjax.train import state as state_lib
 
@@ -88,7 +88,7 @@ def _tokenizer(config, workdir: pathlib.Path, train_records) -> tuple[tokenizer_
     """
     if config.init_from:
         try:
-            tok = tokenizer_lib.load(checkpoints.tokenizer_path(config.init_from))
+            tok = tokenizer_lib.load(checkpoint_io.tokenizer_path(config.init_from))
             own = True
         except (FileNotFoundError, tokenizer_lib.TokenizerError):
             if not config.data.tokenizer:
@@ -96,15 +96,15 @@ def _tokenizer(config, workdir: pathlib.Path, train_records) -> tuple[tokenizer_
             tok, own = tokenizer_lib.load(config.data.tokenizer), False
     elif config.data.tokenizer:
         tok, own = tokenizer_lib.load(config.data.tokenizer), False
-    elif (workdir / checkpoints.TOKENIZER / tokenizer_lib.SENTENCEPIECE_FILE).exists():
+    elif (workdir / checkpoint_io.TOKENIZER / tokenizer_lib.SENTENCEPIECE_FILE).exists():
         # A rerun of this workdir (more seeds): the seeds already run used this tokenizer.
-        tok, own = tokenizer_lib.load(workdir / checkpoints.TOKENIZER), True
+        tok, own = tokenizer_lib.load(workdir / checkpoint_io.TOKENIZER), True
     else:
         path = tokenizer_lib.train_from_sentences(
-            _record_texts(train_records), config.model.vocab_size, workdir / checkpoints.TOKENIZER, description=f"{config.data.train} (task train text)"
+            _record_texts(train_records), config.model.vocab_size, workdir / checkpoint_io.TOKENIZER, description=f"{config.data.train} (task train text)"
         )
         tok, own = tokenizer_lib.load(path), True
-    tok = tokenizer_lib.load(tok.save(workdir / checkpoints.TOKENIZER))
+    tok = tokenizer_lib.load(tok.save(workdir / checkpoint_io.TOKENIZER))
     return tok, own
 
 
@@ -177,7 +177,7 @@ def frozen_mask(params, finetune_config):
 
 def _load_pretrained(config, tokenizer, tokenizer_is_checkpoints: bool):
     """(model config, host params) of init_from; the checkpoint's vocabulary must fit the tokenizer."""
-    source_config, params = checkpoints.load_params(config.init_from)
+    source_config, params = checkpoint_io.load_params(config.init_from)
     params = jax.device_get(params)
     rows = params["encoder"]["embeddings"]["word_embeddings"]["embedding"].shape[0]
     # A run's own tokenizer may have fewer pieces than its embedding table (a small corpus); any
@@ -407,7 +407,7 @@ def _train_seed(config, seed: int, seed_dir: pathlib.Path, model, labels, train:
     writer.close()
 
     # The best step's parameters: saved for predict, and scored on the other dev sets.
-    checkpoints.save_params(seed_dir, config, best["params"], step=best["step"])
+    checkpoint_io.save_params(seed_dir, config, best["params"], step=best["step"])
     dev_metrics = dict(best["metrics"])
     if other_dev:
         params = jax.device_put(best["params"], spec.shardings.params)
@@ -555,9 +555,9 @@ def predict(workdir, lines: Iterable[str]) -> Iterator[str]:
     workdir = pathlib.Path(workdir)
     if not (workdir / RESULTS_FILE).exists():
         raise FileNotFoundError(f"{workdir / RESULTS_FILE} does not exist: {workdir} is not a finished fine-tuning run")
-    config = checkpoints.read_config(workdir)
+    config = checkpoint_io.read_config(workdir)
     labels = tasks.Labels.load(workdir / LABELS_FILE) if (workdir / LABELS_FILE).exists() else None
-    tokenizer = tokenizer_lib.load(workdir / checkpoints.TOKENIZER)
+    tokenizer = tokenizer_lib.load(workdir / checkpoint_io.TOKENIZER)
     model = build_model(config, labels)
     placement = Placement.from_config(config)
 
@@ -565,7 +565,7 @@ def predict(workdir, lines: Iterable[str]) -> Iterator[str]:
     boxed = state_lib.abstract_params(model, config.data.max_seq_length)
     shardings = partitioning.param_shardings(boxed, placement.mesh, placement.rule_table)
     abstract = jax.tree.map(lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding), nn.meta.unbox(boxed), shardings)
-    manager = ocp.CheckpointManager(seed_dir / checkpoints.CHECKPOINTS, options=ocp.CheckpointManagerOptions(read_only=True, create=False))
+    manager = ocp.CheckpointManager(seed_dir / checkpoint_io.CHECKPOINTS, options=ocp.CheckpointManagerOptions(read_only=True, create=False))
     params = manager.restore(manager.latest_step(), args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract)))["params"]
     manager.close()
 

@@ -23,7 +23,7 @@ import numpy as np
 import optax
 
 from bertjax import config as config_lib
-from bertjax import models
+from bertjax import checkpoint_io, models
 from bertjax.train import checkpoints as checkpoints_lib
 from bertjax.train import metrics as metrics_lib
 from bertjax.train import optim, partitioning
@@ -253,7 +253,7 @@ def train_and_evaluate(config, workdir) -> dict:
     if config.init_from and not config.data.tokenizer:
         # Parameters from another run only mean something with that run's vocabulary.
         config = config.copy_and_resolve_references()
-        config.data.tokenizer = str(checkpoints_lib.tokenizer_path(config.init_from))
+        config.data.tokenizer = str(checkpoint_io.tokenizer_path(config.init_from))
         log.info("init_from %s: using its tokenizer %s", config.init_from, config.data.tokenizer)
     tok = tokenizer.for_config(config)
     if tok.vocab_size != config.model.vocab_size:
@@ -262,7 +262,7 @@ def train_and_evaluate(config, workdir) -> dict:
             f"set --config.model.vocab_size={tok.vocab_size}"
         )
     if primary:
-        tok.save(workdir / checkpoints_lib.TOKENIZER)
+        tok.save(workdir / checkpoint_io.TOKENIZER)
     train_batches = loader.batches(config, split="train")
 
     # --- Model
@@ -297,15 +297,15 @@ def train_and_evaluate(config, workdir) -> dict:
         log.info("resumed from %s step %d", checkpoints.directory, latest)
     elif latest is not None or config.init_from:
         source = f"{workdir.absolute()}:{latest}" if latest is not None else config.init_from
-        _, params = checkpoints_lib.load_params(source, state_spec.abstract.params)
+        _, params = checkpoint_io.load_params(source, state_spec.abstract.params)
         state = state.replace(params=params)
         log.info("initialised the parameters from %s (fresh optimizer)", source)
     start_step = int(jax.device_get(state.step))
     checkpoint_metadata = {
         "config": config.to_dict(),
         "config_hash": config_lib.config_hash(config),
-        "git_revision": checkpoints_lib.git_revision(),
-        "param_shapes": checkpoints_lib.param_shapes(state_spec.abstract.params),
+        "git_revision": checkpoint_io.git_revision(),
+        "param_shapes": checkpoint_io.param_shapes(state_spec.abstract.params),
     }
 
     # --- Loop
