@@ -4,7 +4,7 @@
   bertjax finetune   --config configs/finetune.py:sst2 --workdir runs/sst2 [--config.init_from=runs/x]
   bertjax predict    --workdir runs/sst2 [--input FILE]       (text on stdin without --input)
   bertjax data       stats|show --config configs/pretrain.py:tiny [--batches N | --examples N]
-  bertjax tokenizer  train --input FILE... --vocab-size N --out DIR [--model-type unigram|bpe]
+  bertjax tokenizer  train --input FILE... --vocab-size N --out DIR [--model-type unigram|bpe|wordpiece]
   bertjax convert    --from DIR --to DIR                       (HuggingFace <-> bertjax, by what DIR holds)
   bertjax sweep      --config configs/ablations/FILE.py --workdir runs/s [--print-commands]
   bertjax sweep      collect runs/s
@@ -19,6 +19,8 @@ exist is an error, never a silently new setting.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import difflib
 import logging
 import os
 import pathlib
@@ -31,6 +33,29 @@ from bertjax import config as config_lib
 from bertjax import errors
 
 
+class UsageError(errors.UserError):
+    """A verb called wrongly (an unknown flag, a missing required flag): exit status 2, as argparse and absl use."""
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (`bertjax VERB: ...`, exit 2) like every other failure."""
+
+    def error(self, message):
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+
+def _path(path: str) -> str:
+    """A path the user typed, made absolute against the working directory ('-' is stdin/stdout)."""
+    return path if path == "-" else os.path.abspath(os.path.expanduser(path))
+
+
+def _existing(path: str, flag: str) -> str:
+    resolved = _path(path)
+    if resolved != "-" and not os.path.exists(resolved):
+        raise errors.UserError(f"{flag} {path}: no such file or directory ({resolved})")
+    return resolved
+
+
 def _flag_error(error: Exception) -> str:
     """ml_collections puts its did-you-mean hint inside a repr'd KeyError; unwrap it for the user."""
     text = str(error.args[0] if error.args else error)
@@ -39,25 +64,45 @@ def _flag_error(error: Exception) -> str:
     return text.replace("\\n", " ").replace("\n", " ").replace("\\'", "'").replace("\\", "")
 
 
-def _repo_relative_config(argv: list[str]) -> list[str]:
-    """`--config configs/x.py:arg` also works outside the clone: a relative path missing here is taken from the repo."""
-    resolved = []
+def _unknown_key(spec: str, overrides: list[str]) -> str | None:
+    """The first `--config.KEY=...` whose KEY the config does not have, with the nearest keys it does have."""
+    config = config_lib.load(spec)
+    for flag in overrides:
+        key = flag.split("=", 1)[0][len("--config.") :]
+        node, path = config, []
+        for part in key.split("."):
+            if not hasattr(node, "keys") or part not in node:
+                siblings = list(node.keys()) if hasattr(node, "keys") else []
+                near = difflib.get_close_matches(part, siblings, n=3)
+                where = f"config.{'.'.join(path)}" if path else "the config"
+                hint = f"; did you mean {', '.join('.'.join(path + [n]) for n in near)}?" if near else f"; {where} has {sorted(siblings)}" if siblings else ""
+                return f"{flag}: {where} has no key {part!r}{hint}"
+            node, path = node[part], path + [part]
+    return None
+
+
+def _absolute_config(argv: list[str]) -> tuple[list[str], str | None]:
+    """argv with `--config PATH[:ARG]` made absolute (a relative path missing here is taken from the repo), and that spec."""
+    resolved, spec = [], None
     for index, arg in enumerate(argv):
         previous = argv[index - 1] if index else ""
         if previous == "--config" or arg.startswith("--config="):
-            prefix, spec = ("", arg) if previous == "--config" else ("--config=", arg.split("=", 1)[1])
-            path, colon, variant = spec.partition(":")
-            if not pathlib.Path(path).exists():
-                if not (config_lib.REPO_ROOT / path).exists():
-                    raise SystemExit(f"bertjax: config file {path!r} does not exist (here or under {config_lib.REPO_ROOT})")
-                arg = f"{prefix}{config_lib.REPO_ROOT / path}{colon}{variant}"
+            prefix, value = ("", arg) if previous == "--config" else ("--config=", arg.split("=", 1)[1])
+            spec = config_lib.absolute_spec(value)
+            arg = prefix + spec
         resolved.append(arg)
-    return resolved
+    return resolved, spec
 
 
 def _parse_config_flags(verb: str, argv: list[str], default_config: str | None, define_extra=None, doc: str = ""):
-    """Parse `--config file.py:arg --config.key=value ...` plus the verb's own absl flags."""
-    argv = _repo_relative_config(argv)
+    """Parse `--config file.py:arg --config.key=value ...` plus the verb's own absl flags.
+
+    Returns (config, flag values, the --config.KEY=VALUE overrides, the absolute config spec). Every
+    path-valued key of the config is made absolute here (config.resolve_paths), once.
+    """
+    argv, spec = _absolute_config(argv)
+    spec = spec or default_config
+    overrides = [a for a in argv if a.startswith("--config.")]
     flag_values = flags.FlagValues()
     try:
         config_flags.DEFINE_config_file(
@@ -69,8 +114,10 @@ def _parse_config_flags(verb: str, argv: list[str], default_config: str | None, 
             # The overrides are read from this argv, not sys.argv, so that cli.main([...]) applies them.
             sys_argv=[f"bertjax {verb}"] + list(argv),
         )
-    except (flags.Error, AttributeError, KeyError, ValueError, OSError) as error:
-        raise SystemExit(f"bertjax {verb}: {_flag_error(error)}") from None
+    except (AttributeError, KeyError) as error:
+        raise config_lib.ConfigError((spec and _unknown_key(spec, overrides)) or _flag_error(error)) from None
+    except (flags.Error, ValueError, OSError) as error:
+        raise config_lib.ConfigError(_flag_error(error)) from None
     if define_extra:
         define_extra(flag_values)
     if any(arg in ("-h", "--help", "-help", "--helpfull") for arg in argv):
@@ -78,23 +125,27 @@ def _parse_config_flags(verb: str, argv: list[str], default_config: str | None, 
         print()
         print(flag_values.get_help().split("\nabsl.flags:")[0])
         raise SystemExit(0)
-    if default_config is None and not any(a == "--config" or a.startswith("--config=") for a in argv):
-        raise SystemExit(f"bertjax {verb}: --config is required (see bertjax {verb} --help)")
+    if spec is None:
+        raise UsageError(f"--config is required (see bertjax {verb} --help)")
     try:
         unparsed = flag_values([f"bertjax {verb}"] + argv)
-    except (flags.Error, AttributeError, KeyError, ValueError, OSError) as error:
-        raise SystemExit(f"bertjax {verb}: {_flag_error(error)}") from None
+    except (AttributeError, KeyError) as error:
+        raise config_lib.ConfigError(_unknown_key(spec, overrides) or _flag_error(error)) from None
+    except flags.UnrecognizedFlagError as error:
+        raise UsageError(f"{_flag_error(error)} (see bertjax {verb} --help)") from None
+    except (flags.Error, ValueError, OSError) as error:
+        message = _flag_error(error)
+        if message.startswith("flag --config.") or message.startswith("--config."):
+            raise config_lib.ConfigError(message) from None
+        raise UsageError(f"{message} (see bertjax {verb} --help)") from None
     if len(unparsed) > 1:
-        raise SystemExit(f"bertjax {verb}: unexpected arguments {unparsed[1:]} (see bertjax {verb} --help)")
+        raise UsageError(f"unexpected arguments {unparsed[1:]} (see bertjax {verb} --help)")
     config = flag_values.config
     if config is None:
-        raise SystemExit(f"bertjax {verb}: could not load the config")
-    try:
-        config_lib.validate(config)
-    except config_lib.ConfigError as error:
-        raise SystemExit(f"bertjax {verb}: {error}") from None
-    overrides = [a for a in argv if a.startswith("--config.")]
-    return config, flag_values, overrides
+        raise config_lib.ConfigError(f"could not load the config {spec}")
+    config_lib.validate(config)
+    config_lib.resolve_paths(config)
+    return config, flag_values, overrides, spec
 
 
 def _define_workdir(flag_values):
@@ -103,8 +154,8 @@ def _define_workdir(flag_values):
 
 def _require_workdir(verb: str, flag_values) -> str:
     if not flag_values.workdir:
-        raise SystemExit(f"bertjax {verb}: --workdir is required")
-    return flag_values.workdir
+        raise UsageError(f"--workdir is required (see bertjax {verb} --help)")
+    return _path(flag_values.workdir)
 
 
 PRETRAIN_DOC = """bertjax pretrain: pretrain an encoder (MLM + NSP|SOP|none) from a config.
@@ -116,7 +167,7 @@ A workdir that already holds checkpoints resumes from the newest complete one.""
 
 
 def pretrain(argv):
-    config, flag_values, _ = _parse_config_flags("pretrain", argv, config_lib.DEFAULT_PRETRAIN_CONFIG, _define_workdir, PRETRAIN_DOC)
+    config, flag_values, _, _ = _parse_config_flags("pretrain", argv, config_lib.DEFAULT_PRETRAIN_CONFIG, _define_workdir, PRETRAIN_DOC)
     from bertjax.train import pretrain as pretrain_lib
 
     pretrain_lib.train_and_evaluate(config, _require_workdir("pretrain", flag_values))
@@ -131,14 +182,14 @@ init_from: a pretraining workdir, WORKDIR:STEP for a kept step, or a HuggingFace
 
 
 def finetune(argv):
-    config, flag_values, _ = _parse_config_flags("finetune", argv, None, _define_workdir, FINETUNE_DOC)
+    config, flag_values, _, _ = _parse_config_flags("finetune", argv, None, _define_workdir, FINETUNE_DOC)
     from bertjax.train import finetune as finetune_lib
 
     finetune_lib.train_and_evaluate(config, _require_workdir("finetune", flag_values))
 
 
 def predict(argv):
-    parser = argparse.ArgumentParser(
+    parser = _ArgumentParser(
         prog="bertjax predict",
         description="Predict with a fine-tuned workdir: one input per line (tab between the texts of a pair; "
         "for QA, question TAB passage); writes the label, the tags or the answer per line.",
@@ -147,13 +198,24 @@ def predict(argv):
     parser.add_argument("--input", default="-", help="Input file; '-' (the default) reads stdin.")
     parser.add_argument("--output", default="-", help="Output file; '-' (the default) writes stdout.")
     args = parser.parse_args(argv)
+    workdir, source = _existing(args.workdir, "--workdir"), _existing(args.input, "--input")
     from bertjax.train import finetune as finetune_lib
 
-    lines = sys.stdin if args.input == "-" else open(args.input, encoding="utf-8")
-    out = sys.stdout if args.output == "-" else open(args.output, "w", encoding="utf-8")
-    with lines, out:
-        for prediction in finetune_lib.predict(args.workdir, (line.rstrip("\n") for line in lines)):
+    with contextlib.ExitStack() as files:  # closes the files opened here, never stdin or stdout
+        lines = sys.stdin.buffer if source == "-" else files.enter_context(open(source, "rb"))
+        out = sys.stdout if args.output == "-" else files.enter_context(open(_path(args.output), "w", encoding="utf-8"))
+        for prediction in finetune_lib.predict(workdir, _text_lines(lines, "stdin" if source == "-" else source)):
             out.write(prediction + "\n")
+
+
+def _text_lines(lines, name: str):
+    """Lines of UTF-8 text (BOM and line ends dropped); a line that is not UTF-8 is an error naming it."""
+    for number, line in enumerate(lines, start=1):
+        try:
+            text = line.decode("utf-8-sig" if number == 1 else "utf-8")
+        except UnicodeDecodeError as error:
+            raise errors.UserError(f"--input {name}:{number}: not UTF-8 (byte {line[error.start]:#04x} at column {error.start + 1}); re-save the file as UTF-8") from None
+        yield text.rstrip("\r\n")
 
 
 DATA_DOC = """bertjax data stats|show: inspect the pretraining batches a config produces, before training.
@@ -163,8 +225,11 @@ DATA_DOC = """bertjax data stats|show: inspect the pretraining batches a config 
 
 
 def data(argv):
-    if not argv or argv[0] not in ("stats", "show"):
-        raise SystemExit(DATA_DOC)
+    if argv[:1] in ([], ["-h"], ["--help"]):
+        print(DATA_DOC)
+        return
+    if argv[0] not in ("stats", "show"):
+        raise UsageError(f"choose 'stats' or 'show', not {argv[0]!r} (see bertjax data --help)")
     action, rest = argv[0], argv[1:]
 
     def define(flag_values):
@@ -172,7 +237,7 @@ def data(argv):
         flags.DEFINE_integer("examples", 3, "show: how many examples to print.", flag_values=flag_values)
         flags.DEFINE_string("split", "train", "train or eval.", flag_values=flag_values)
 
-    config, flag_values, _ = _parse_config_flags(f"data {action}", rest, config_lib.DEFAULT_PRETRAIN_CONFIG, define, DATA_DOC)
+    config, flag_values, _, _ = _parse_config_flags(f"data {action}", rest, config_lib.DEFAULT_PRETRAIN_CONFIG, define, DATA_DOC)
     from bertjax.data import inspect as inspect_lib
 
     if action == "stats":
@@ -184,22 +249,23 @@ def data(argv):
 
 
 def tokenizer(argv):
-    parser = argparse.ArgumentParser(prog="bertjax tokenizer", description="Train a sentencepiece tokenizer with BERT's special tokens.")
+    parser = _ArgumentParser(prog="bertjax tokenizer", description="Train a tokenizer (sentencepiece or WordPiece) with BERT's special tokens.")
     sub = parser.add_subparsers(dest="action", required=True)
-    train = sub.add_parser("train", help="Train a unigram or BPE model with [PAD] [UNK] [CLS] [SEP] [MASK] and byte fallback.")
+    train = sub.add_parser("train", help="Train a unigram or BPE model (byte fallback) or a WordPiece vocab.txt, with [PAD] [UNK] [CLS] [SEP] [MASK].")
     train.add_argument("--input", nargs="+", required=True, help="Text files (UTF-8; other bytes are replaced and counted).")
     train.add_argument("--vocab-size", type=int, required=True)
-    train.add_argument("--out", required=True, help="Directory for tokenizer.model and tokenizer.vocab.")
-    train.add_argument("--model-type", default="unigram", choices=("unigram", "bpe"))
+    train.add_argument("--out", required=True, help="Directory for tokenizer.model and tokenizer.vocab (wordpiece: vocab.txt).")
+    train.add_argument("--model-type", default="unigram", choices=("unigram", "bpe", "wordpiece"))
     args = parser.parse_args(argv)
     from bertjax.data import tokenizer as tokenizer_lib
 
-    path = tokenizer_lib.train(args.input, args.vocab_size, args.out, model_type=args.model_type)
+    inputs = [_existing(path, "--input") for path in args.input]
+    path = tokenizer_lib.train(inputs, args.vocab_size, _path(args.out), model_type=args.model_type)
     print(path)
 
 
 def convert(argv):
-    parser = argparse.ArgumentParser(
+    parser = _ArgumentParser(
         prog="bertjax convert",
         description="Convert between a HuggingFace BERT directory (config.json + model.safetensors) and a bertjax "
         "checkpoint. The direction follows from what --from holds: a HuggingFace directory becomes a bertjax "
@@ -210,7 +276,9 @@ def convert(argv):
     args = parser.parse_args(argv)
     from bertjax import checkpoint_io
 
-    print(checkpoint_io.convert(args.source, args.target))
+    path, colon, step = args.source.rpartition(":")
+    source = f"{_existing(path, '--from')}:{step}" if path and step.isdigit() else _existing(args.source, "--from")
+    print(checkpoint_io.convert(source, _path(args.target)))
 
 
 SWEEP_DOC = """bertjax sweep: run every arm of an ablation, resume unfinished ones, collect a table and plots.
@@ -228,8 +296,8 @@ def sweep(argv):
 
     if argv and argv[0] == "collect":
         if len(argv) != 2:
-            raise SystemExit("usage: bertjax sweep collect WORKDIR")
-        print(sweep_lib.collect(argv[1]))
+            raise UsageError("usage: bertjax sweep collect WORKDIR")
+        print(sweep_lib.collect(_existing(argv[1], "sweep collect")))
         return
 
     def define(flag_values):
@@ -237,18 +305,17 @@ def sweep(argv):
         flags.DEFINE_bool("print_commands", False, "Print one command per arm (for a cluster scheduler) instead of running.", flag_values=flag_values)
 
     argv = ["--print_commands" if a == "--print-commands" else a for a in argv]
-    config, flag_values, overrides = _parse_config_flags("sweep", argv, None, define, SWEEP_DOC)
-    config_spec = next(a.split("=", 1)[1] if "=" in a else argv[i + 1] for i, a in enumerate(argv) if a == "--config" or a.startswith("--config="))
-    sweep_lib.run(config_spec, config, _require_workdir("sweep", flag_values), overrides, print_commands=flag_values.print_commands)
+    config, flag_values, overrides, spec = _parse_config_flags("sweep", argv, None, define, SWEEP_DOC)
+    sweep_lib.run(spec, config, _require_workdir("sweep", flag_values), overrides, print_commands=flag_values.print_commands)
 
 
 def plot(argv):
-    parser = argparse.ArgumentParser(prog="bertjax plot", description="Draw the loss and metric curves of a run (metrics.jsonl) to PNG.")
+    parser = _ArgumentParser(prog="bertjax plot", description="Draw the loss and metric curves of a run (metrics.jsonl) to PNG.")
     parser.add_argument("workdir")
     args = parser.parse_args(argv)
     from bertjax import sweep as sweep_lib
 
-    print(sweep_lib.plot_run(args.workdir))
+    print(sweep_lib.plot_run(_existing(args.workdir, "plot")))
 
 
 VERBS = {
@@ -288,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
         if verbose:
             raise
         print(f"bertjax {argv[0]}: {_one_line(error)}", file=sys.stderr)
-        return errors.EXIT_ERROR
+        return errors.EXIT_USAGE if isinstance(error, UsageError) else errors.EXIT_ERROR
     except KeyboardInterrupt:
         print(f"bertjax {argv[0]}: interrupted", file=sys.stderr)
         return errors.EXIT_INTERRUPTED

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import os
 import pathlib
 
 import ml_collections
@@ -303,13 +304,100 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     return config
 
 
-def load_module(path: str):
-    """Import a config file; a relative path is tried from the working directory, then the repo root."""
-    file = pathlib.Path(path)
+def config_file(path: str) -> pathlib.Path:
+    """A config file's absolute path: a relative path is tried from the working directory, then the repo root."""
+    file = pathlib.Path(path).expanduser()
     if not file.exists() and not file.is_absolute() and (REPO_ROOT / file).exists():
         file = REPO_ROOT / file
-    if not file.exists():
-        raise ConfigError(f"config file {path!r} does not exist")
+    if not file.is_file():
+        raise ConfigError(f"config file {path!r} does not exist (here or under {REPO_ROOT})")
+    return pathlib.Path(os.path.abspath(file))
+
+
+def absolute_spec(spec: str) -> str:
+    """`path/to/file.py[:arg]` with the file made absolute, so that the spec works from any directory."""
+    path, colon, arg = spec.partition(":")
+    return f"{config_file(path)}{colon}{arg}"
+
+
+# Config keys whose values are paths on this machine, and how each is written:
+#   path        one path ('' = unset)
+#   checkpoint  WORKDIR or HF_DIR, optionally WORKDIR:STEP (the suffix is kept)
+#   corpus      paths, directories or globs separated by commas; 'tfds:NAME' and 'python-docs' are names
+#   task        a file or 'tfds:NAME[:SPLIT]'; a ConfigDict of them (data.other_dev) maps names to such values
+# A sweep's `sweep.finetune.` keys name the same settings of its fine-tuning runs.
+PATH_KEYS = {
+    "init_from": "checkpoint",
+    "data.corpus": "corpus",
+    "data.eval_corpus": "corpus",
+    "data.tokenizer": "path",
+    "data.data_dir": "path",
+    "data.tfds_data_dir": "path",
+    "data.train": "task",
+    "data.dev": "task",
+    "data.other_dev": "task",
+}
+SWEEP_FINETUNE_PREFIX = "sweep.finetune."
+
+
+def _absolute(path: str) -> str:
+    return os.path.abspath(os.path.expanduser(path))
+
+
+def resolve_path(key: str, value):
+    """`value` of config key `key` with every relative path made absolute against the working directory.
+
+    Paths are resolved once, where a user gives them (the CLI), so that nothing downstream depends on
+    the directory a process happens to run in: orbax wants absolute paths, and a sweep's commands run
+    wherever a scheduler starts them. Keys that are not paths come back unchanged.
+    """
+    key = key.removeprefix(SWEEP_FINETUNE_PREFIX)
+    kind = PATH_KEYS.get(key) or PATH_KEYS.get(key.rpartition(".")[0])  # data.other_dev.NAME: its parent's kind
+    if kind is None or not isinstance(value, str) or not value.strip():
+        return value
+    value = value.strip()
+    if kind == "checkpoint":
+        path, colon, step = value.rpartition(":")
+        return f"{_absolute(path)}:{step}" if path and step.isdigit() else _absolute(value)
+    if kind in ("corpus", "task") and (value.startswith("tfds:") or value == "python-docs"):
+        return value
+    if kind == "corpus":
+        return ",".join(_absolute(part.strip()) for part in value.split(",") if part.strip())
+    return _absolute(value)
+
+
+def path_values(config, prefix: str = "") -> dict[str, str]:
+    """Every path-valued key of `config` (flattened, e.g. 'data.other_dev.mismatched') and its value."""
+    values = {}
+    for key in PATH_KEYS:
+        node, parts = config, key.split(".")
+        for part in parts:
+            node = node.get(part) if hasattr(node, "get") else None
+        if hasattr(node, "items"):
+            values.update({f"{prefix}{key}.{name}": value for name, value in node.items()})
+        elif node is not None:
+            values[prefix + key] = node
+    return values
+
+
+def resolve_paths(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Make every path-valued key of `config` (and of its `sweep.finetune` section) absolute, in place."""
+    sections = [(config, "")]
+    if "sweep" in config and "finetune" in config.sweep:
+        sections.append((config.sweep.finetune, SWEEP_FINETUNE_PREFIX))
+    for section, prefix in sections:
+        for key, value in path_values(section).items():
+            *parents, leaf = key.split(".")
+            node = section
+            for part in parents:
+                node = node[part]
+            node[leaf] = resolve_path(key, value)
+    return config
+
+
+def load_module(path: str):
+    """Import a config file; a relative path is tried from the working directory, then the repo root."""
+    file = config_file(path)
     module_spec = importlib.util.spec_from_file_location(f"_bertjax_config_{file.stem}", file)
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)

@@ -22,6 +22,7 @@ import itertools
 import json
 import logging
 import math
+import os
 import pathlib
 import shlex
 import statistics
@@ -30,12 +31,22 @@ import sys
 from typing import Callable, Iterable, Sequence
 
 from bertjax import config as config_lib
+from bertjax.errors import UserError
 
 log = logging.getLogger(__name__)
 
 FINETUNE_PREFIX = "sweep.finetune."
 SEED_KEYS = ("train.seed", "train.dropout_seed")
 PRETRAIN_DONE = "pretrain.done"
+STATUS = "status.json"  # in each arm's directory: how each of its two commands ended, and where its logs are
+
+
+class ArmsFailed(UserError):
+    """Some arms of a sweep failed (the others ran); `statuses` has every arm's outcome and log."""
+
+    def __init__(self, message: str, statuses: list[dict]):
+        super().__init__(message)
+        self.statuses = statuses
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,7 +63,7 @@ class Arm:
 
     def __post_init__(self):
         if not self.name or "/" in self.name or self.name.startswith("."):
-            raise ValueError(f"arm name {self.name!r} must be a non-empty directory name")
+            raise config_lib.ConfigError(f"arm name {self.name!r} must be a non-empty directory name (no '/', no leading '.')")
         if not self.group:
             object.__setattr__(self, "group", self.name)
 
@@ -72,7 +83,7 @@ def _combine(arms: Sequence[Arm]) -> Arm:
     for arm in arms:
         clash = set(overrides) & set(arm.overrides)
         if clash:
-            raise ValueError(f"arms {[a.name for a in arms]} set the same keys {sorted(clash)}")
+            raise config_lib.ConfigError(f"arms {[a.name for a in arms]} set the same keys {sorted(clash)}: give each key to one axis")
         overrides.update(arm.overrides)
     group = "-".join(a.name for a in arms if not _is_seed_arm(a)) or "all"
     return Arm("-".join(a.name for a in arms), overrides, group=group)
@@ -87,7 +98,7 @@ def zip_arms(*axes: Sequence[Arm]) -> list[Arm]:
     """The i-th arms of all axes together (the axes must be equally long)."""
     lengths = {len(axis) for axis in axes}
     if len(lengths) != 1:
-        raise ValueError(f"zip_arms needs axes of one length, got {sorted(lengths)}")
+        raise config_lib.ConfigError(f"zip_arms needs axes of one length, got {sorted(lengths)}")
     return [_combine(combo) for combo in zip(*axes)]
 
 
@@ -95,7 +106,7 @@ def _check_unique(arms: Sequence[Arm]) -> None:
     names = [arm.name for arm in arms]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
-        raise ValueError(f"arm names must be unique; repeated: {duplicates}")
+        raise config_lib.ConfigError(f"arm names must be unique; repeated: {duplicates}")
 
 
 # ---------------------------------------------------------------------------------------------- commands
@@ -143,26 +154,45 @@ class ArmPlan:
         return self.workdir / "finetune"
 
 
+def _path_flags(config, skip) -> list[str]:
+    """`--config.KEY=PATH` for every path the config sets, absolute: a command then reads the same files from any directory."""
+    return [f"--config.{key}={value}" for key, value in config_lib.path_values(config).items() if value and key not in skip]
+
+
 def plan(config_spec: str, config, workdir: str | pathlib.Path, user_overrides: Sequence[str], arms: Sequence[Arm]) -> list[ArmPlan]:
-    """The two commands of every arm: pretraining, then fine-tuning from the arm's pretrained weights."""
+    """The two commands of every arm: pretraining, then fine-tuning from the arm's pretrained weights.
+
+    Every path in them is absolute (workdirs, config files, init_from, data files, also those that a
+    config file derives from the working directory or the environment), so that the commands that
+    `--print-commands` hands to a scheduler run the same wherever it starts them.
+    """
     _check_unique(arms)
-    workdir = pathlib.Path(workdir)
+    workdir = pathlib.Path(os.path.abspath(workdir))
+    config_spec = config_lib.absolute_spec(config_spec)
+    config = config_lib.resolve_paths(config.copy_and_resolve_references())
     python = [sys.executable, "-m", "bertjax"]
-    user_pretrain = [f for f in user_overrides if not _flag_key(f).startswith("sweep.")]
+    paths = config_lib.path_values(config)
+    # The config already holds the user's overrides; its paths go into the commands resolved, below.
+    user_pretrain = [f for f in user_overrides if not _flag_key(f).startswith("sweep.") and _flag_key(f) not in paths]
     finetune_base = _flatten(config.sweep.finetune)
+    task_spec = config_lib.absolute_spec(config.sweep.task) if config.sweep.task else ""
+    task_config = config_lib.resolve_paths(config_lib.load(task_spec)) if task_spec else None
     plans = []
     for arm in arms:
         arm_dir = workdir / arm.name
-        pretrain_overrides = {k: v for k, v in arm.overrides.items() if not k.startswith(FINETUNE_PREFIX)}
+        resolved = {k: config_lib.resolve_path(k, v) for k, v in arm.overrides.items()}
+        pretrain_overrides = {k: v for k, v in resolved.items() if not k.startswith(FINETUNE_PREFIX)}
         finetune_overrides = dict(finetune_base)
-        finetune_overrides.update({k[len(FINETUNE_PREFIX) :]: v for k, v in arm.overrides.items() if k.startswith(FINETUNE_PREFIX)})
+        finetune_overrides.update({k[len(FINETUNE_PREFIX) :]: v for k, v in resolved.items() if k.startswith(FINETUNE_PREFIX)})
         pretrain = python + ["pretrain", "--config", config_spec, "--workdir", str(arm_dir / "pretrain")]
         pretrain += [f for f in user_pretrain if _flag_key(f) not in pretrain_overrides]
+        pretrain += _path_flags(config, skip=pretrain_overrides)
         pretrain += _override_flags(pretrain_overrides)
         finetune = None
-        if config.sweep.task:
-            finetune = python + ["finetune", "--config", config.sweep.task, "--workdir", str(arm_dir / "finetune")]
+        if task_config is not None:
+            finetune = python + ["finetune", "--config", task_spec, "--workdir", str(arm_dir / "finetune")]
             finetune += [f"--config.init_from={arm_dir / 'pretrain'}"]
+            finetune += _path_flags(task_config, skip=set(finetune_overrides) | {"init_from"})
             finetune += _override_flags(finetune_overrides)
         plans.append(ArmPlan(arm, arm_dir, pretrain, finetune))
     return plans
@@ -192,51 +222,68 @@ def run(
     print_commands: bool = False,
     runner: Callable[[list[str], pathlib.Path], int] = _run_command,
 ) -> list[dict]:
-    """Run (or resume) every arm one after another; a failed arm is reported and the others go on."""
+    """Run (or resume) every arm one after another and return each arm's outcome.
+
+    A failed arm is logged and the others go on; at the end, after the table, ArmsFailed (a UserError:
+    `bertjax sweep` exits 1) names the failed arms and their logs. With `print_commands`, nothing
+    runs: one shell line per arm is printed, and the arm directories are laid out so that
+    `collect` finds the arms once a scheduler has run those lines.
+    """
     arms = _load_sweep(config_spec)
     plans = plan(config_spec, config, workdir, user_overrides, arms)
-    if print_commands:
-        for p in plans:
-            line = shlex.join(p.pretrain)
-            if p.finetune:
-                line += " && " + shlex.join(p.finetune)
-            print(line)
-        return []
-    root = pathlib.Path(workdir)
-    root.mkdir(parents=True, exist_ok=True)
+    root = pathlib.Path(os.path.abspath(workdir))
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"--workdir {root}: cannot create it ({error.strerror})") from None
     (root / "sweep.json").write_text(
-        json.dumps(dict(config=config_spec, overrides=list(user_overrides), arms=[dataclasses.asdict(a) for a in arms]), indent=2)
+        json.dumps(dict(config=config_lib.absolute_spec(config_spec), overrides=list(user_overrides), arms=[dataclasses.asdict(a) for a in arms]), indent=2)
     )
-    statuses = []
-    for index, p in enumerate(plans, 1):
-        status = dict(arm=p.arm.name, pretrain="done", finetune="skipped" if p.finetune is None else "done")
-        log.info("arm %d/%d: %s", index, len(plans), p.arm.name)
+    for p in plans:
         p.workdir.mkdir(parents=True, exist_ok=True)
         (p.workdir / "arm.json").write_text(json.dumps(dataclasses.asdict(p.arm), indent=2))
-        if (p.workdir / PRETRAIN_DONE).exists():
-            log.info("  pretraining finished before: skipped")
-        else:
-            code = runner(p.pretrain, p.workdir / "pretrain.log")
-            if code != 0:
-                log.error("  pretraining failed (exit %d): see %s", code, p.workdir / "pretrain.log")
-                status.update(pretrain=f"failed ({code})", finetune="not run")
-                statuses.append(status)
-                continue
-            (p.workdir / PRETRAIN_DONE).touch()
-        if p.finetune is not None:
-            if (p.finetune_dir / "results.json").exists():
-                log.info("  fine-tuning finished before: skipped")
-            else:
-                code = runner(p.finetune, p.workdir / "finetune.log")
-                if code != 0:
-                    log.error("  fine-tuning failed (exit %d): see %s", code, p.workdir / "finetune.log")
-                    status.update(finetune=f"failed ({code})")
-        statuses.append(status)
-    failed = [s for s in statuses if "failed" in s["pretrain"] + s["finetune"]]
-    print(collect(workdir))
+    if print_commands:
+        for p in plans:
+            (p.workdir / STATUS).write_text(json.dumps(dict(arm=p.arm.name, pretrain="printed", finetune="skipped" if p.finetune is None else "printed")))
+            commands = [p.pretrain, ["touch", str(p.workdir / PRETRAIN_DONE)]] + ([p.finetune] if p.finetune else [])
+            print(" && ".join(shlex.join(command) for command in commands))
+        return []
+    statuses = [_run_arm(p, index, len(plans), runner) for index, p in enumerate(plans, 1)]
+    print(collect(root))
+    failed = [s for s in statuses if "failure" in s]
     if failed:
-        log.error("%d of %d arms failed: %s", len(failed), len(statuses), ", ".join(s["arm"] for s in failed))
+        summary = "; ".join(f"{s['arm']}: {s['failure']}, log {s['log']}" for s in failed)
+        raise ArmsFailed(
+            f"{len(failed)} of {len(statuses)} arms failed: {summary}. The others are in {root / 'results.md'}; "
+            "run the same command again to retry the failed arms (finished ones are skipped)",
+            statuses,
+        )
     return statuses
+
+
+def _run_arm(p: ArmPlan, index: int, count: int, runner) -> dict:
+    """Pretrain (unless done before), then fine-tune (unless done before); record the outcome in the arm's status.json."""
+    status = dict(arm=p.arm.name, pretrain="done", finetune="skipped" if p.finetune is None else "done")
+    log.info("arm %d/%d: %s", index, count, p.arm.name)
+    if (p.workdir / PRETRAIN_DONE).exists():
+        log.info("  pretraining finished before: skipped")
+    else:
+        code = runner(p.pretrain, p.workdir / "pretrain.log")
+        if code != 0:
+            status.update(pretrain="failed", finetune="not run", failure=f"pretraining failed (exit {code})", log=str(p.workdir / "pretrain.log"))
+            log.error("  %s: see %s", status["failure"], status["log"])
+        else:
+            (p.workdir / PRETRAIN_DONE).touch()
+    if p.finetune is not None and "failure" not in status:
+        if (p.finetune_dir / "results.json").exists():
+            log.info("  fine-tuning finished before: skipped")
+        else:
+            code = runner(p.finetune, p.workdir / "finetune.log")
+            if code != 0:
+                status.update(finetune="failed", failure=f"fine-tuning failed (exit {code})", log=str(p.workdir / "finetune.log"))
+                log.error("  %s: see %s", status["failure"], status["log"])
+    (p.workdir / STATUS).write_text(json.dumps(status, indent=2))
+    return status
 
 
 # --------------------------------------------------------------------------------------------- collect
@@ -291,28 +338,57 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+def arm_status(arm_dir: pathlib.Path) -> dict:
+    """An arm's outcome: {'state': 'done' | 'failed' | 'unfinished', and for a failed arm 'failure' and 'log'}."""
+    recorded = json.loads((arm_dir / STATUS).read_text()) if (arm_dir / STATUS).exists() else {}
+    finetuned = recorded.get("finetune") == "skipped" or (arm_dir / "finetune" / "results.json").exists()
+    if (arm_dir / PRETRAIN_DONE).exists() and finetuned:
+        return dict(state="done")
+    if "failure" in recorded:
+        return dict(state="failed", failure=recorded["failure"], log=recorded["log"])
+    return dict(state="unfinished")
+
+
+def _group_status(members: Sequence[tuple[str, dict]]) -> str:
+    """'done', or the arms that are not, e.g. 'failed: sop-seed1; unfinished: sop-seed2'."""
+    parts = []
+    for state in ("failed", "unfinished"):
+        names = [name for name, status in members if status["state"] == state]
+        if names:
+            parts.append(f"{state}: {', '.join(names)}")
+    return "; ".join(parts) or "done"
+
+
 def collect(workdir: str | pathlib.Path) -> str:
-    """Write results.csv, results.md and plots for every arm under `workdir`; return the table."""
+    """Write results.csv, results.md and plots for every arm under `workdir`; return the table.
+
+    Every arm has a row's worth of say: the `status` column names the arms of a group that failed or
+    have not finished, and results.md lists each failed arm with its log. The metrics of an arm whose
+    pretraining failed are left out of the means (a crashed run's last values would pass for results).
+    """
     workdir = pathlib.Path(workdir)
     arm_dirs = _arm_dirs(workdir)
     if not arm_dirs:
-        raise FileNotFoundError(f"no arms under {workdir} (each arm directory holds an arm.json)")
+        raise UserError(f"no arms under {workdir} (each arm directory holds an arm.json): give the --workdir of a `bertjax sweep`")
     groups: dict[str, list[dict]] = {}
+    members: dict[str, list[tuple[str, dict]]] = {}
     order = []
     for arm_dir in arm_dirs:
         arm = json.loads((arm_dir / "arm.json").read_text())
-        values = _last_values(read_metrics(arm_dir / "pretrain"), PRETRAIN_COLUMNS)
+        status = arm_status(arm_dir)
+        values = {} if status.get("failure", "").startswith("pretraining") else _last_values(read_metrics(arm_dir / "pretrain"), PRETRAIN_COLUMNS)
         values.update(_downstream(arm_dir / "finetune" / "results.json"))
         values["finished"] = float((arm_dir / PRETRAIN_DONE).exists())
         if arm["group"] not in groups:
             order.append(arm["group"])
         groups.setdefault(arm["group"], []).append(values)
+        members.setdefault(arm["group"], []).append((arm_dir.name, status))
     columns = [c for c in PRETRAIN_COLUMNS if any(c in v for g in groups.values() for v in g)]
     columns += sorted({k for g in groups.values() for v in g for k in v if k.startswith("dev/")})
     rows = []
     for group in order:
         runs = groups[group]
-        row = dict(arm=group, runs=len(runs), finished=int(sum(v["finished"] for v in runs)))
+        row = dict(arm=group, runs=len(runs), finished=int(sum(v["finished"] for v in runs)), status=_group_status(members[group]))
         for column in columns:
             # Pretraining metrics: one value per pretraining seed; dev metrics: one per (pretraining seed,
             # fine-tuning seed), since fine-tuning varies between seeds as much as the arms often do.
@@ -320,15 +396,19 @@ def collect(workdir: str | pathlib.Path) -> str:
             if present:
                 row[column], row[column + " std"] = _mean_std(present)
         rows.append(row)
-    header = ["arm", "runs", "finished"] + [c for column in columns for c in (column, column + " std")]
+    header = ["arm", "runs", "finished"] + [c for column in columns for c in (column, column + " std")] + ["status"]
     with open(workdir / "results.csv", "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=header)
         writer.writeheader()
         writer.writerows(rows)
-    table = ["| arm | runs | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
+    table = ["| arm | runs | " + " | ".join(columns) + " | status |", "|---|---|" + "---|" * len(columns) + "---|"]
     for row in rows:
         cells = [f"{row[c]:.4f} ± {row[c + ' std']:.4f}" if c in row else "–" for c in columns]
-        table.append(f"| {row['arm']} | {row['finished']}/{row['runs']} | " + " | ".join(cells) + " |")
+        table.append(f"| {row['arm']} | {row['finished']}/{row['runs']} | " + " | ".join(cells) + f" | {row['status']} |")
+    failed = [(name, s) for group in order for name, s in members[group] if s["state"] == "failed"]
+    if failed:
+        table += ["", "Failed arms (left out of the means; run the sweep again to retry them):", ""]
+        table += [f"- {name}: {s['failure']}, log `{s['log']}`" for name, s in failed]
     markdown = "\n".join(table) + "\n"
     (workdir / "results.md").write_text(markdown)
     _plot_sweep(workdir, arm_dirs, rows, columns)
@@ -383,7 +463,7 @@ def plot_run(workdir: str | pathlib.Path) -> str:
     workdir = pathlib.Path(workdir)
     rows = read_metrics(workdir)
     if not rows:
-        raise FileNotFoundError(f"{workdir / 'metrics.jsonl'} is missing or empty")
+        raise UserError(f"{workdir / 'metrics.jsonl'} is missing or empty: give the workdir of a run that has logged a step")
     keys = sorted({k for r in rows for k, v in r.items() if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)})
     plt = _pyplot()
     columns = 3

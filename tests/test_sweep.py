@@ -7,6 +7,7 @@ import pytest
 
 from bertjax import config as config_lib
 from bertjax import sweep
+from bertjax.errors import UserError
 from bertjax.sweep import Arm
 
 SWEEP_FILE = '''
@@ -78,7 +79,7 @@ def test_plan_user_overrides_apply_to_all_arms_but_arm_keys_win(tmp_path):
         assert "--config.train.total_steps=7" in p.pretrain
         assert "--config.data.sentence_objective=none" not in p.pretrain
         assert f"--config.data.sentence_objective={p.arm.name.split('-')[0]}" in p.pretrain
-        assert p.finetune[p.finetune.index("--config") + 1] == "configs/finetune.py:sst2"
+        assert p.finetune[p.finetune.index("--config") + 1] == str(config_lib.REPO_ROOT / "configs/finetune.py") + ":sst2"
         assert f"--config.init_from={p.workdir / 'pretrain'}" in p.finetune
         assert "--config.train.total_steps=500" in p.finetune and "--config.data.max_seq_length=64" in p.finetune
         assert "--config.seeds=3" in p.finetune
@@ -109,20 +110,39 @@ def test_run_skips_finished_arms_resumes_unfinished_and_survives_a_failure(tmp_p
             fake_finished_run(workdir, [0.7], results={"task": "sst2", "metrics": {"accuracy": {"mean": 0.8, "std": 0.0}}})
         return 0
 
-    statuses = sweep.run(spec, config, str(tmp_path / "runs"), [], runner=runner)
+    runs = tmp_path / "runs"
+    with pytest.raises(sweep.ArmsFailed) as failure:
+        sweep.run(spec, config, str(runs), [], runner=runner)
+    statuses = failure.value.statuses
     assert [s["arm"] for s in statuses] == ["nsp-seed0", "nsp-seed1", "sop-seed0", "sop-seed1"]
-    assert statuses[3]["pretrain"] == "failed (3)" and statuses[3]["finetune"] == "not run"
-    assert all(s["pretrain"] == s["finetune"] == "done" for s in statuses[:3])
+    assert statuses[3]["failure"] == "pretraining failed (exit 3)" and statuses[3]["finetune"] == "not run"
+    assert all(s["pretrain"] == s["finetune"] == "done" and "failure" not in s for s in statuses[:3])
     assert len(calls) == 7
+    assert str(failure.value).startswith(f"1 of 4 arms failed: sop-seed1: pretraining failed (exit 3), log {runs / 'sop-seed1' / 'pretrain.log'}")
+    table = (runs / "results.md").read_text()
+    assert "| nsp | 2/2 |" in table and table.splitlines()[2].endswith("| done |")
+    assert table.splitlines()[3].startswith("| sop | 1/2 |") and table.splitlines()[3].endswith("| failed: sop-seed1 |")
+    assert f"- sop-seed1: pretraining failed (exit 3), log `{runs / 'sop-seed1' / 'pretrain.log'}`" in table
+    assert (runs / "results.csv").read_text().splitlines()[2].endswith(",failed: sop-seed1")
 
     calls.clear()
-    sweep.run(spec, config, str(tmp_path / "runs"), [], runner=runner)
+    with pytest.raises(sweep.ArmsFailed):
+        sweep.run(spec, config, str(runs), [], runner=runner)
     assert calls == [("pretrain", "sop-seed1")], "finished arms must be skipped, the failed one retried"
 
     calls.clear()
-    (tmp_path / "runs" / "nsp-seed0" / "finetune" / "results.json").unlink()
-    sweep.run(spec, config, str(tmp_path / "runs"), [], runner=runner)
+    (runs / "nsp-seed0" / "finetune" / "results.json").unlink()
+    statuses = sweep.run(spec, config, str(runs), [], runner=lambda command, log: runner(command, log) if "sop-seed1" not in str(log) else fake_ok(command))
     assert ("finetune", "nsp-seed0") in calls and ("pretrain", "nsp-seed0") not in calls
+    assert [s["arm"] for s in statuses if "failure" in s] == []
+    assert "failed" not in (runs / "results.md").read_text()
+
+
+def fake_ok(command):
+    workdir = pathlib.Path(command[command.index("--workdir") + 1])
+    results = {"task": "sst2", "metrics": {"accuracy": {"mean": 0.8, "std": 0.0}}} if command[3] == "finetune" else None
+    fake_finished_run(workdir, [0.7], results=results)
+    return 0
 
 
 def test_collect_aggregates_seeds_and_draws_plots(tmp_path):
@@ -133,14 +153,15 @@ def test_collect_aggregates_seeds_and_draws_plots(tmp_path):
         runs = [accuracy - 0.1, accuracy + 0.1] if group == "b" else [accuracy]
         fake_finished_run(arm_dir / "finetune", [0.5], results={"accuracy": {"mean": accuracy, "std": 0.1, "runs": runs}})
         (arm_dir / "arm.json").write_text(json.dumps(dict(name=name, group=group, overrides={})))
-        (arm_dir / sweep.PRETRAIN_DONE).touch()
+        if group == "a":
+            (arm_dir / sweep.PRETRAIN_DONE).touch()
     table = sweep.collect(root)
     assert "| a | 2/2 | 4.0000 ± 1.4142 |" in table
     rows = (root / "results.csv").read_text().splitlines()
-    assert rows[0].startswith("arm,runs,finished,loss,loss std")
-    assert rows[1].startswith("a,2,2,4.0,1.414")
+    assert rows[0].startswith("arm,runs,finished,loss,loss std") and rows[0].endswith(",status")
+    assert rows[1].startswith("a,2,2,4.0,1.414") and rows[1].endswith(",done")
     assert "dev/accuracy" in rows[0]
-    assert table.splitlines()[3].endswith("| 0.5000 ± 0.1414 |"), "dev metrics pool every fine-tuning seed"
+    assert table.splitlines()[3].endswith("| 0.5000 ± 0.1414 | unfinished: b-seed0 |"), "dev metrics pool every fine-tuning seed"
     assert "| 0.7000 ± 0.1414 |" in table.splitlines()[2]
     for png in ("loss_curves.png", "downstream.png"):
         assert (root / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -148,7 +169,7 @@ def test_collect_aggregates_seeds_and_draws_plots(tmp_path):
 
 
 def test_collect_without_arms_says_so(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no arms"):
+    with pytest.raises(UserError, match="no arms"):
         sweep.collect(tmp_path)
 
 

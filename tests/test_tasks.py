@@ -34,13 +34,46 @@ def test_glue_tsv_real_files(shared_data):
 
 def test_tsv_pairs_and_malformed_row(tmp_path):
     path = write(tmp_path, "mnli.tsv", "index\tsentence1\tsentence2\tgold_label\n0\tA man.\tA person.\tentailment\n1\tonly two\tfields\n")
-    with pytest.raises(tasks.TaskDataError, match=r"mnli.tsv:3: 3 tab-separated fields, need at least 4"):
+    with pytest.raises(tasks.TaskDataError, match=r"mnli.tsv:3: 3 tab-separated field\(s\), but the configured columns .* need at least 4"):
         tasks.read_tsv(path, "sentence1", "sentence2", "gold_label")
     path = write(tmp_path, "ok.tsv", "index\tsentence1\tsentence2\tgold_label\n0\tA man.\tA person.\tentailment\n")
     (example,) = tasks.read_tsv(path, "sentence1", "sentence2", "gold_label")
     assert example.texts == ("A man.", "A person.") and example.label == "entailment"
-    with pytest.raises(tasks.TaskDataError, match="no column 'sentence'"):
+    with pytest.raises(tasks.TaskDataError) as error:
         tasks.read_tsv(path, "sentence", None, "gold_label")
+    assert str(error.value) == (
+        f"{path}:1: no column 'sentence' (config data.text_a); the header line has ['index', 'sentence1', 'sentence2', 'gold_label']: "
+        "set --config.data.text_a to one of them, or, if that line is data, --config.data.header=false and column indices"
+    )
+    with pytest.raises(tasks.TaskDataError, match=r"column 'gold_label' \(config data.label\) is a name but data.header=false"):
+        tasks.read_tsv(path, 1, None, "gold_label", header=False)
+
+
+def test_text_files_are_repaired_or_refused(tmp_path, caplog):
+    """CRLF and a BOM are read silently; Latin-1 bytes are replaced and counted; empty and binary files are errors."""
+    path = tmp_path / "crlf.tsv"
+    path.write_bytes("\ufeffsentence\tlabel\r\nfine film\t1\r\nsoso\t0\r\n".encode())
+    assert [(e.texts, e.label, e.where) for e in tasks.read_tsv(path, "sentence", None, "label")] == [
+        (("fine film",), "1", f"{path}:2"),
+        (("soso",), "0", f"{path}:3"),
+    ]
+    path = tmp_path / "latin1.tsv"
+    path.write_bytes("sentence\tlabel\nun film tr\u00e8s beau\t1\ncaf\u00e9 cr\u00e8me\t0\n".encode("latin-1"))
+    with caplog.at_level("WARNING"):
+        examples = tasks.read_tsv(path, "sentence", None, "label")
+    assert [e.texts[0] for e in examples] == ["un film tr\ufffds beau", "caf\ufffd cr\ufffdme"]
+    assert f"{path}:2: not UTF-8; replaced 3 undecodable byte sequence(s) with U+FFFD" in caplog.text
+    for name, content, message in [
+        ("empty.tsv", b"", "is empty"),
+        ("blank.conll", b"\n\n  \n", "is empty"),
+        ("binary.tsv", b"sentence\tlabel\n\x89PNG\x00\x00\x01", "is not a text file (a NUL byte at offset 19): give a UTF-8 text file"),
+        ("utf16.tsv", "sentence\tlabel\n".encode("utf-16"), "is UTF-16: re-save it as UTF-8 (e.g. iconv -f utf-16 -t utf-8)"),
+    ]:
+        (tmp_path / name).write_bytes(content)
+        reader = tasks.read_conll if name.endswith(".conll") else lambda p: tasks.read_tsv(p, "sentence", None, "label")
+        with pytest.raises(tasks.TaskDataError) as error:
+            reader(tmp_path / name)
+        assert str(error.value) == f"{tmp_path / name} {message}"
 
 
 def test_labels_order_unseen_and_roundtrip(tmp_path):
@@ -48,8 +81,15 @@ def test_labels_order_unseen_and_roundtrip(tmp_path):
     assert labels.names == ["contradiction", "entailment", "neutral"]
     assert tasks.Labels.from_records(["10", "2", "1"]).names == ["1", "2", "10"]
     assert tasks.Labels.from_records(["positive"], declared=["negative", "positive"]).names == ["negative", "positive"]
-    with pytest.raises(tasks.TaskDataError, match=r"dev.tsv:7: label 'maybe' was not seen in training"):
+    with pytest.raises(tasks.TaskDataError) as error:
         labels.encode("maybe", "dev.tsv:7")
+    assert str(error.value) == (
+        "dev.tsv:7: label 'maybe' does not occur in the training data (data.train has ['contradiction', 'entailment', 'neutral']): "
+        "fix the label, check that data.label names the label column, or declare every label with --config.task.labels"
+    )
+    declared = tasks.Labels.from_records(["positive"], declared=["negative", "positive"])
+    with pytest.raises(tasks.TaskDataError, match=r"dev.tsv:3: label 'neutral' is not one of config.task.labels \['negative', 'positive'\]"):
+        declared.encode("neutral", "dev.tsv:3")
     labels.save(tmp_path / "labels.json")
     assert tasks.Labels.load(tmp_path / "labels.json").names == labels.names
 
@@ -60,8 +100,12 @@ def test_conll_real_and_fixture(shared_data, tmp_path):
     assert sentences[0].words[:3] == ("CRICKET", "-", "LEICESTERSHIRE") and sentences[0].tags[2] == "B-ORG"
     assert {tag for s in sentences for tag in s.tags} == {"O", "B-PER", "I-PER", "B-LOC", "I-LOC", "B-ORG", "I-ORG", "B-MISC", "I-MISC"}
     path = write(tmp_path, "x.conll", "-DOCSTART- -X- -X- O\n\nEU NNP B-NP I-ORG\nrejects VBZ B-VP O\n\nbad\n")
-    with pytest.raises(tasks.TaskDataError, match=r"x.conll:6: expected a word and a tag column"):
+    with pytest.raises(tasks.TaskDataError, match=r"x.conll:6: expected a word and a tag column \(config data.label=-1\), got \['bad'\]"):
         tasks.read_conll(path)
+    path = write(tmp_path, "z.conll", "-DOCSTART- -X- -X- O\n\nEU NNP B-NP I-ORG\nrejects VBZ O\n")
+    with pytest.raises(tasks.TaskDataError) as error:
+        tasks.read_conll(path)
+    assert str(error.value) == f"{path}:4: 3 columns ['rejects', 'VBZ', 'O'], but line 3 (the first word line) has 4; every word line needs the same columns"
     path = write(tmp_path, "y.conll", "-DOCSTART- -X- -X- O\n\nEU NNP B-NP I-ORG\nrejects VBZ B-VP O\n\nHi UH O O\n")
     assert [(s.words, s.tags) for s in tasks.read_conll(path)] == [(("EU", "rejects"), ("I-ORG", "O")), (("Hi",), ("O",))]
 
@@ -101,15 +145,38 @@ def test_squad_real_and_mismatched_offset(shared_data, tmp_path, caplog):
     examples = tasks.read_squad(shared_data / "squad-format/xquad.en.json")
     assert len(examples) == 1190 and all(e.answers for e in examples)
     assert all(e.context[s : s + len(a)] == a for e in examples for a, s in zip(e.answers, e.answer_starts) if s >= 0)
-    json_text = '{"data": [{"paragraphs": [{"context": "Paris is in France.", "qas": [' + (
+    json_text = '{"data": [{"paragraphs": [{"context": "Paris is in France. Paris is big.", "qas": [' + (
         '{"id": "a", "question": "Where?", "answers": [{"text": "France", "answer_start": 12}]},'
         '{"id": "b", "question": "What?", "answers": [{"text": "Paris", "answer_start": 3}]},'
+        '{"id": "b2", "question": "What?", "answers": [{"text": "Paris", "answer_start": 18}]},'
+        '{"id": "d", "question": "What?", "answers": [{"text": "Lyon", "answer_start": 0}]},'
         '{"id": "c", "question": "Who?", "answers": [], "is_impossible": true}]}]}]}'
     )
+    path = write(tmp_path, "s.json", json_text)
     with caplog.at_level("WARNING"):
-        a, b, c = tasks.read_squad(write(tmp_path, "s.json", json_text))
-    assert a.answer_starts == (12,) and b.answer_starts == (-1,) and b.answers == ("Paris",) and c.answers == ()
-    assert "1 answers' answer_start does not match" in caplog.text and "'b'" in caplog.text
+        a, b, b2, d, c = tasks.read_squad(path)
+    assert a.answer_starts == (12,) and c.answers == ()
+    assert b.answer_starts == (0,) and b2.answer_starts == (20,), "moved to the nearest occurrence of the text"
+    assert d.answer_starts == (-1,) and d.answers == ("Lyon",), "text absent: kept for scoring, not trained on"
+    assert (
+        f"{path}: 2 answers' answer_start did not point at their text: moved to the nearest occurrence of the text; "
+        f"first: {path}: data[0].paragraphs[0] question 'b' (answer_start 3, text 'Paris')"
+    ) in caplog.text
+    assert f"{path}: 1 answers' text does not occur in their passage: kept for scoring, not trained on; first: {path}: data[0].paragraphs[0] question 'd'" in caplog.text
+
+
+def test_squad_bad_json_names_line_and_column(tmp_path):
+    path = write(tmp_path, "cut.json", '{"data": [{"paragraphs": [\n  {"context": "Paris is in France.", "qas": [{"id": "a", "quest')
+    with pytest.raises(tasks.TaskDataError) as error:
+        tasks.read_squad(path)
+    assert str(error.value) == f"{path}:2:58: not valid JSON (Unterminated string starting at); is the file truncated?"
+    path = write(tmp_path, "list.json", "[1, 2]")
+    with pytest.raises(tasks.TaskDataError, match="list.json: not a SQuAD file: expected"):
+        tasks.read_squad(path)
+    path = write(tmp_path, "noq.json", '{"data": [{"paragraphs": [{"context": "x", "qas": [{"id": "a", "answers": []}]}]}]}')
+    with pytest.raises(tasks.TaskDataError) as error:
+        tasks.read_squad(path)
+    assert str(error.value).startswith(f"{path}: data[0].paragraphs[0] question 'a': not a SQuAD question (no key 'question')")
 
 
 def test_encode_classification_pairs_and_regression(tokenizer):
@@ -139,6 +206,17 @@ def test_encode_tagging_labels_first_piece_only(tokenizer):
     assert (tag_ids >= 0).sum() == 3  # every other piece, [CLS], [SEP] and padding are ignored
     truncated = tasks.encode_tagging(tokenizer, [sentence], len(pieces[0]) + len(pieces[1]) + 2, labels)
     assert truncated["word_positions"][0].tolist() == positions[:2] + [-1]
+
+
+def test_encode_tagging_dev_tag_unseen_in_train_is_counted_and_left_out_of_the_loss(tokenizer, caplog):
+    """A rare tag missing from the training data must not stop a run: it stays gold for scoring, no loss."""
+    labels = tasks.Labels.from_records(["B-X", "O"])
+    sentences = [tasks.TaggedSentence(("good", "Zyxwvut"), ("O", "B-MISC"), "dev.conll:7"), tasks.TaggedSentence(("fine",), ("B-MISC",), "dev.conll:10")]
+    with caplog.at_level("WARNING"):
+        features = tasks.encode_tagging(tokenizer, sentences, 32, labels)
+    assert features["tag_ids"][0, features["word_positions"][0, 0]] == 1 and features["tag_ids"][0, features["word_positions"][0, 1]] == -1
+    assert (features["tag_ids"][1] >= 0).sum() == 0
+    assert "2 words carry tags the label set ['B-X', 'O'] lacks (B-MISC x2; first in the sentence at dev.conll:7)" in caplog.text
 
 
 def test_squad_doc_stride_recovers_gold_span_from_one_hot_logits(shared_data, tokenizer):

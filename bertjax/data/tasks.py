@@ -7,6 +7,11 @@ Readers (each record remembers `where` it came from, "file:line", for error mess
   read_squad    SQuAD v1.1/v2.0 JSON (also XQuAD); answers whose offset does not match their text are counted
   read_tfds     'tfds:NAME[:SPLIT]' through tfds.data_source (needs the data set prepared or reachable)
 
+Every file is read the same way (`read_lines`): UTF-8 with or without a BOM, any line ends (CRLF and
+CR become LF); bytes that are not UTF-8 (a Latin-1 file) are replaced by U+FFFD, counted and logged;
+an empty or binary file is an error. A bad row, column or label is a TaskDataError naming the file,
+the line and the config key to change.
+
 Encoders turn records into dicts of fixed-shape numpy arrays the fine-tuning step takes:
   input_ids, token_type_ids, attention_mask [N, S] int32, plus
   label [N] (int32 class id, float32 for regression), or
@@ -16,6 +21,7 @@ Encoders turn records into dicts of fixed-shape numpy arrays the fine-tuning ste
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import logging
@@ -63,15 +69,46 @@ class QAExample:
 # Readers
 
 
+def read_lines(path) -> list[str]:
+    """The lines of a text file, without line ends (see the module docstring for what is repaired and what refused)."""
+    path = pathlib.Path(path)
+    if path.is_dir():
+        raise TaskDataError(f"{path} is a directory: give a file (it holds {sorted(p.name for p in path.iterdir())[:5]})")
+    raw = path.read_bytes()
+    if not raw.strip():
+        raise TaskDataError(f"{path} is empty")
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise TaskDataError(f"{path} is UTF-16: re-save it as UTF-8 (e.g. iconv -f utf-16 -t utf-8)")
+    nul = raw.find(b"\x00", 0, 65536)
+    if nul >= 0:
+        raise TaskDataError(f"{path} is not a text file (a NUL byte at offset {nul}): give a UTF-8 text file")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        text = raw.decode("utf-8-sig", errors="replace")
+        replaced = text.count("\ufffd") - raw.count("\ufffd".encode())
+        log.warning(
+            "%s:%d: not UTF-8; replaced %d undecodable byte sequence(s) with U+FFFD (a Latin-1 file? re-save it as UTF-8: iconv -f latin1 -t utf-8)",
+            path,
+            raw.count(b"\n", 0, error.start) + 1,
+            replaced,
+        )
+    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    return lines[:-1] if lines[-1] == "" else lines
+
+
 def _column_index(column, header: list[str] | None, path, key: str) -> int:
     if isinstance(column, int):
         return column
     if isinstance(column, str) and column.lstrip("-").isdigit():
         return int(column)
     if header is None:
-        raise TaskDataError(f"{path}: column {column!r} (config data.{key}) is a name but the file has no header; give an index")
+        raise TaskDataError(f"{path}: column {column!r} (config data.{key}) is a name but data.header=false; give a 0-based column index")
     if column not in header:
-        raise TaskDataError(f"{path}:1: no column {column!r} (config data.{key}) in header {header}")
+        raise TaskDataError(
+            f"{path}:1: no column {column!r} (config data.{key}); the header line has {header}: "
+            f"set --config.data.{key} to one of them, or, if that line is data, --config.data.header=false and column indices"
+        )
     return header.index(column)
 
 
@@ -81,59 +118,69 @@ def read_tsv(path, text_a, text_b=None, label=None, header: bool = True) -> list
     GLUE files are read without quote handling (a `"` is text), as GLUE's own readers do.
     """
     path = pathlib.Path(path)
+    lines = read_lines(path)
+    header_fields = lines[0].split("\t") if header else None
+    columns = [_column_index(text_a, header_fields, path, "text_a")]
+    if text_b not in (None, ""):
+        columns.append(_column_index(text_b, header_fields, path, "text_b"))
+    label_column = _column_index(label, header_fields, path, "label") if label not in (None, "") else None
+    needed = max(columns + ([label_column] if label_column is not None else [])) + 1
     examples = []
-    with open(path, encoding="utf-8-sig") as lines:
-        header_fields = lines.readline().rstrip("\r\n").split("\t") if header else None
-        columns = [_column_index(text_a, header_fields, path, "text_a")]
-        if text_b not in (None, ""):
-            columns.append(_column_index(text_b, header_fields, path, "text_b"))
-        label_column = _column_index(label, header_fields, path, "label") if label not in (None, "") else None
-        needed = max(columns + ([label_column] if label_column is not None else [])) + 1
-        for line_number, line in enumerate(lines, start=2 if header else 1):
-            line = line.rstrip("\r\n")
-            if not line.strip():
-                continue
-            fields = line.split("\t")
-            if len(fields) < needed:
-                raise TaskDataError(f"{path}:{line_number}: {len(fields)} tab-separated fields, need at least {needed}: {line[:80]!r}")
-            examples.append(
-                TextExample(
-                    texts=tuple(fields[column].strip() for column in columns),
-                    label=fields[label_column].strip() if label_column is not None else None,
-                    where=f"{path}:{line_number}",
-                )
+    for line_number, line in enumerate(lines[1:] if header else lines, start=2 if header else 1):
+        if not line.strip():
+            continue
+        fields = line.split("\t")
+        if len(fields) < needed:
+            raise TaskDataError(
+                f"{path}:{line_number}: {len(fields)} tab-separated field(s), but the configured columns (data.text_a, data.text_b, data.label) "
+                f"need at least {needed}: {line[:80]!r}"
             )
+        examples.append(
+            TextExample(
+                texts=tuple(fields[column].strip() for column in columns),
+                label=fields[label_column].strip() if label_column is not None else None,
+                where=f"{path}:{line_number}",
+            )
+        )
     return examples
 
 
 def _read_blocks(path, is_comment) -> Iterable[tuple[int, list[tuple[int, list[str]]]]]:
     """(first line number, [(line number, whitespace fields)]) for each blank-line separated block."""
     block, start = [], None
-    with open(path, encoding="utf-8-sig") as lines:
-        for line_number, line in enumerate(lines, start=1):
-            line = line.rstrip("\r\n")
-            if not line.strip():
-                if block:
-                    yield start, block
-                block, start = [], None
-                continue
-            if is_comment(line):
-                continue
-            start = start or line_number
-            block.append((line_number, line.split("\t") if "\t" in line else line.split()))
+    for line_number, line in enumerate(read_lines(path), start=1):
+        if not line.strip():
+            if block:
+                yield start, block
+            block, start = [], None
+            continue
+        if is_comment(line):
+            continue
+        start = start or line_number
+        block.append((line_number, line.split("\t") if "\t" in line else line.split()))
     if block:
         yield start, block
 
 
 def read_conll(path, word_column: int = 0, tag_column: int = -1) -> list[TaggedSentence]:
-    """CoNLL-2003 style columns (`EU NNP B-NP B-ORG`); -DOCSTART- lines are document markers, skipped."""
+    """CoNLL-2003 style columns (`EU NNP B-NP B-ORG`); -DOCSTART- lines are document markers, skipped.
+
+    Every line has as many columns as the file's first word line: a line with fewer or more (a word
+    with a space in it, a missing tag) would shift the tag column, so it is an error naming the line.
+    """
     path = pathlib.Path(path)
-    sentences = []
+    sentences, first = [], None
     for start, block in _read_blocks(path, lambda line: line.startswith("-DOCSTART-")):
         words, tags = [], []
         for line_number, fields in block:
             if len(fields) < 2 or len(fields) <= max(word_column, tag_column if tag_column >= 0 else -tag_column - 1):
-                raise TaskDataError(f"{path}:{line_number}: expected a word and a tag column, got {fields!r}")
+                raise TaskDataError(f"{path}:{line_number}: expected a word and a tag column (config data.label={tag_column}), got {fields!r}")
+            first = first or (line_number, len(fields))
+            if len(fields) != first[1]:
+                raise TaskDataError(
+                    f"{path}:{line_number}: {len(fields)} columns {fields!r}, but line {first[0]} (the first word line) has {first[1]}; "
+                    "every word line needs the same columns"
+                )
             words.append(fields[word_column])
             tags.append(fields[tag_column])
         sentences.append(TaggedSentence(tuple(words), tuple(tags), f"{path}:{start}"))
@@ -167,39 +214,56 @@ def read_conllu(path, tag_column: int = 3) -> list[TaggedSentence]:
     return sentences
 
 
+def _nearest(context: str, text: str, offset: int) -> int:
+    """The start of the occurrence of `text` in `context` nearest to `offset`; -1 if there is none."""
+    starts, start = [], context.find(text)
+    while start >= 0:
+        starts.append(start)
+        start = context.find(text, start + 1)
+    return min(starts, key=lambda s: (abs(s - offset), s)) if starts else -1
+
+
 def read_squad(path) -> list[QAExample]:
     """Every question of a SQuAD v1.1/v2.0 JSON file.
 
-    An answer whose `answer_start` does not point at its text is kept for scoring (scoring uses the
-    text only) with answer_starts -1, so training skips it; the count is logged as a warning.
+    An answer whose `answer_start` does not point at its text is repaired: it moves to the occurrence
+    of its text nearest the given offset. An answer whose text is not in its passage at all is kept
+    for scoring (scoring uses the text only) with answer_starts -1, so training skips it. Both are
+    counted and logged.
     """
     path = pathlib.Path(path)
+    text = "\n".join(read_lines(path))
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))["data"]
-    except (json.JSONDecodeError, KeyError, TypeError) as error:
-        raise TaskDataError(f"{path}: not a SQuAD JSON file ({error})") from None
-    examples, mismatched = [], []
-    for article_number, article in enumerate(data):
+        data = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise TaskDataError(f"{path}:{error.lineno}:{error.colno}: not valid JSON ({error.msg}); is the file truncated?") from None
+    if not isinstance(data, dict) or not isinstance(data.get("data"), list):
+        raise TaskDataError(f'{path}: not a SQuAD file: expected {{"data": [{{"paragraphs": [{{"context": ..., "qas": [...]}}]}}]}}')
+    examples, moved, missing = [], [], []
+    for article_number, article in enumerate(data["data"]):
         for paragraph_number, paragraph in enumerate(article.get("paragraphs", [])):
-            context = paragraph["context"]
-            for qa in paragraph["qas"]:
-                where = f"{path}: data[{article_number}].paragraphs[{paragraph_number}] question {qa.get('id')!r}"
-                texts, starts = [], []
-                for answer in [] if qa.get("is_impossible") else qa.get("answers", []):
-                    text, answer_start = answer["text"], int(answer["answer_start"])
-                    if context[answer_start : answer_start + len(text)] != text:
-                        mismatched.append(where)
-                        answer_start = -1
-                    texts.append(text)
-                    starts.append(answer_start)
-                examples.append(QAExample(str(qa["id"]), qa["question"], context, tuple(texts), tuple(starts), where))
-    if mismatched:
-        log.warning(
-            "%s: %d answers' answer_start does not match their text (kept for scoring, not trained on); first: %s",
-            path,
-            len(mismatched),
-            mismatched[0],
-        )
+            where = f"{path}: data[{article_number}].paragraphs[{paragraph_number}]"
+            try:
+                context = paragraph["context"]
+                for qa in paragraph["qas"]:
+                    where = f"{path}: data[{article_number}].paragraphs[{paragraph_number}] question {qa.get('id')!r}"
+                    texts, starts = [], []
+                    for answer in [] if qa.get("is_impossible") else qa.get("answers", []):
+                        answer_text, given = answer["text"], int(answer["answer_start"])
+                        answer_start = given
+                        if context[given : given + len(answer_text)] != answer_text:
+                            answer_start = _nearest(context, answer_text, given)
+                            (moved if answer_start >= 0 else missing).append(f"{where} (answer_start {given}, text {answer_text!r})")
+                        texts.append(answer_text)
+                        starts.append(answer_start)
+                    examples.append(QAExample(str(qa["id"]), qa["question"], context, tuple(texts), tuple(starts), where))
+            except (KeyError, TypeError, ValueError, AttributeError) as error:
+                detail = f"no key {error}" if isinstance(error, KeyError) else str(error)
+                raise TaskDataError(f"{where}: not a SQuAD question ({detail}); each has 'id', 'question' and 'answers' [{{'text', 'answer_start'}}]") from None
+    if moved:
+        log.warning("%s: %d answers' answer_start did not point at their text: moved to the nearest occurrence of the text; first: %s", path, len(moved), moved[0])
+    if missing:
+        log.warning("%s: %d answers' text does not occur in their passage: kept for scoring, not trained on; first: %s", path, len(missing), missing[0])
     return examples
 
 
@@ -245,22 +309,35 @@ def read_tfds(spec: str, family: str, default_split: str, fields) -> list:
     return records
 
 
+READERS = ("tsv", "conll", "conllu", "squad")
+
+
 def read(source: str, data_config, family: str, default_split: str) -> list:
-    """The records of a task file (by data_config.format) or of 'tfds:NAME[:SPLIT]'."""
+    """The records of a task file (by data_config.format) or of 'tfds:NAME[:SPLIT]'; never none."""
+    key = "data.train" if default_split == "train" else "data.dev"
+    if not source:
+        raise TaskDataError(f"config {key} is empty: give a task file (--config.{key}=PATH) or tfds:NAME[:SPLIT]")
     if source.startswith("tfds:"):
-        return read_tfds(source, family, default_split, data_config)
-    if not pathlib.Path(source).exists():
-        raise TaskDataError(f"task data file {source!r} does not exist (config data.train / data.dev)")
-    data_format = data_config.format
-    if data_format == "tsv":
-        return read_tsv(source, data_config.text_a, data_config.text_b, data_config.label, data_config.header)
-    if data_format == "conll":
-        return read_conll(source, tag_column=int(data_config.label))
-    if data_format == "conllu":
-        return read_conllu(source, tag_column=int(data_config.label))
-    if data_format == "squad":
-        return read_squad(source)
-    raise TaskDataError(f"config data.format={data_format!r}: choose tsv, conll, conllu or squad")
+        records = read_tfds(source, family, default_split, data_config)
+    else:
+        if not pathlib.Path(source).exists():
+            raise TaskDataError(f"task data file {source} does not exist (config {key})")
+        data_format = data_config.format
+        if data_format not in READERS:
+            raise TaskDataError(f"config data.format={data_format!r}: choose one of {READERS}")
+        if data_format in ("conll", "conllu") and not str(data_config.label).lstrip("-").isdigit():
+            raise TaskDataError(f"config data.label={data_config.label!r}: for data.format={data_format} it is the tag column's index, e.g. -1 or 3")
+        if data_format == "tsv":
+            records = read_tsv(source, data_config.text_a, data_config.text_b, data_config.label, data_config.header)
+        elif data_format == "conll":
+            records = read_conll(source, tag_column=int(data_config.label))
+        elif data_format == "conllu":
+            records = read_conllu(source, tag_column=int(data_config.label))
+        else:
+            records = read_squad(source)
+    if not records:
+        raise TaskDataError(f"{source} (config {key}) holds no examples")
+    return records
 
 
 # ---------------------------------------------------------------------------------------------
@@ -278,18 +355,28 @@ def _label_sort_key(label: str):
 class Labels:
     """The label vocabulary: id order is the declared order, else sorted; saved as labels.json with a run."""
 
-    def __init__(self, names: Sequence[str]):
+    def __init__(self, names: Sequence[str], declared: bool = False):
         self.names = list(names)
+        self.declared = declared  # from config.task.labels, not from the training data
         self._ids = {name: index for index, name in enumerate(self.names)}
 
     @classmethod
     def from_records(cls, labels: Iterable[str], declared: Sequence[str] = ()) -> Labels:
-        return cls(list(declared) if declared else sorted(set(labels), key=_label_sort_key))
+        return cls(list(declared), declared=True) if declared else cls(sorted(set(labels), key=_label_sort_key))
 
     def encode(self, label: str, where: str) -> int:
         if label not in self._ids:
-            raise TaskDataError(f"{where}: label {label!r} was not seen in training (known labels: {self.names})")
+            if self.declared:
+                raise TaskDataError(f"{where}: label {label!r} is not one of config.task.labels {self.names}: fix the file or add it to task.labels")
+            raise TaskDataError(
+                f"{where}: label {label!r} does not occur in the training data (data.train has {self.names}): "
+                "fix the label, check that data.label names the label column, or declare every label with --config.task.labels"
+            )
         return self._ids[label]
+
+    def get(self, label: str) -> int:
+        """The label's id, -1 for a label the vocabulary lacks."""
+        return self._ids.get(label, -1)
 
     def __len__(self) -> int:
         return len(self.names)
@@ -385,9 +472,14 @@ def encode_tagging(tokenizer, sentences: Sequence[TaggedSentence], max_seq_lengt
 
     word_positions [N, W] gives the first-piece position of each word (-1 for words cut off by
     max_seq_length, which predictions fill with a default tag).
+
+    A tag the label vocabulary lacks (a dev tag the training data never has, common with rare tags
+    and small training sets) gets tag id -1: it stays the gold tag for scoring, where the model
+    cannot predict it, and is left out of the loss. Such words are counted and logged.
     """
     all_pieces = iter(_word_pieces(tokenizer, [word for sentence in sentences for word in sentence.words]))
     rows, tag_rows, position_rows = [], [], []
+    unseen, first_unseen = collections.Counter(), None
     for sentence in sentences:
         ids, tag_ids, positions = [], [], []
         sentence_pieces = [next(all_pieces) for _ in sentence.words]
@@ -395,11 +487,23 @@ def encode_tagging(tokenizer, sentences: Sequence[TaggedSentence], max_seq_lengt
             if len(ids) + len(pieces) > max_seq_length - 2:
                 break
             positions.append(1 + len(ids))
-            tag_ids += [labels.encode(sentence.tags[word_index], sentence.where) if labels and sentence.tags else -1] + [-1] * (len(pieces) - 1)
+            tag_id = labels.get(sentence.tags[word_index]) if labels and sentence.tags else -1
+            if tag_id < 0 and labels and sentence.tags:
+                unseen[sentence.tags[word_index]] += 1
+                first_unseen = first_unseen or sentence.where
+            tag_ids += [tag_id] + [-1] * (len(pieces) - 1)
             ids += pieces
         rows.append(_pack(tokenizer, [ids], max_seq_length))
         tag_rows.append(tag_ids)
         position_rows.append(positions)
+    if unseen:
+        log.warning(
+            "%d words carry tags the label set %s lacks (%s; first in the sentence at %s): scored as gold (the model cannot predict them), left out of the loss",
+            sum(unseen.values()),
+            labels.names,
+            ", ".join(f"{tag} x{count}" for tag, count in unseen.most_common()),
+            first_unseen,
+        )
     features = _to_arrays(rows, max_seq_length, tokenizer.pad_id)
     features["tag_ids"] = np.full((len(rows), max_seq_length), -1, dtype=np.int32)
     max_words = max([len(sentence.words) for sentence in sentences] + [1])
