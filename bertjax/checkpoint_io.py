@@ -11,13 +11,36 @@ A run's checkpoints live in WORKDIR/checkpoints/STEP/ with four items:
   train     {'step', 'opt_state'}
   data      the grain iterator's position, so a resumed run reads exactly the next batch
   metadata  JSON: step, tokens seen, config, config hash, git revision, parameter shapes, kept or not
-and WORKDIR/checkpoints/index.json lists them (also `index(workdir)`).
+and a checksums.json (the SHA-256 of every file of those items), and WORKDIR/checkpoints/index.json
+lists them (also `index(workdir)`).
+
+Paths may be relative to the working directory: a source is made absolute once, where it is parsed
+(orbax accepts only absolute paths).
+
+Checksums. Every checkpoint is written through `ChecksummedCheckpointManager`: orbax writes a step
+into STEP.orbax-checkpoint-tmp/ and, once every item is finalized (after the barrier of all
+processes, on process 0 only), calls our hook just before it renames the directory into place. The
+hook hashes the files of the items there and writes checksums.json into the same directory, so the
+checksums are committed by the same atomic rename as the data: no step is ever complete without
+them, however the process dies. Why files and not the arrays' values: the files are what can rot or
+be cut short on disk; their hashes do not depend on how the arrays were sharded over devices and
+hosts (a multi-host run's process 0 sees every process's files on the shared filesystem after
+orbax's barrier), they cover the data iterator and metadata items too, and a mismatch names the
+damaged file. The cost is one read of the checkpoint per save (in orbax's background thread, off the
+training loop) and one per restore (see README: about 1 s per GB).
+
+`verify` judges a step: checksums that match (loaded), a mismatch or a missing file (never loaded:
+`DamagedCheckpointError` names the file), checksums that should exist but do not (the metadata says
+so; never loaded), or none recorded because the step was written before bertjax kept checksums
+(loaded, with a warning).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 import pathlib
 import subprocess
 
@@ -30,9 +53,15 @@ from flax import traverse_util
 from bertjax import config as config_lib
 from bertjax import models
 from bertjax.convert import hf
+from bertjax.errors import UserError
 
 CHECKPOINTS = "checkpoints"
 TOKENIZER = "tokenizer"
+CHECKSUMS = "checksums.json"
+# Where orbax writes a step before renaming it into place (orbax.checkpoint's TMP_DIR_SUFFIX).
+ORBAX_TMP_SUFFIX = ".orbax-checkpoint-tmp"
+# What load_params reads of a step, and so verifies (the optimizer state is only the trainer's business).
+LOADED_ITEMS = ("params", "metadata")
 
 log = logging.getLogger(__name__)
 
@@ -88,9 +117,101 @@ def complete_steps(directory, steps) -> list[int]:
     return complete
 
 
+class DamagedCheckpointError(UserError):
+    """A checkpoint whose files do not match its checksums, or whose checksums are missing; never loaded."""
+
+
+def _item_files(step_dir: pathlib.Path) -> list[pathlib.Path]:
+    """The files of a step's items (params/, train/, data/, metadata/). Orbax's own bookkeeping at the
+    step's top level (_CHECKPOINT_METADATA, commit_success.txt) is rewritten after the commit: not hashed."""
+    return sorted(path for item in step_dir.iterdir() if item.is_dir() for path in item.rglob("*") if path.is_file())
+
+
+def _sha256(path: pathlib.Path) -> str:
+    with open(path, "rb") as file:
+        return hashlib.file_digest(file, "sha256").hexdigest()
+
+
+def write_checksums(step_dir) -> None:
+    """STEP/checksums.json: the SHA-256 of every item file, written to a temporary name and renamed."""
+    step_dir = pathlib.Path(step_dir)
+    checksums = {str(path.relative_to(step_dir)): _sha256(path) for path in _item_files(step_dir)}
+    temporary = step_dir / f"{CHECKSUMS}.tmp"
+    temporary.write_text(json.dumps({"algorithm": "sha256", "files": checksums}, indent=0) + "\n")
+    os.replace(temporary, step_dir / CHECKSUMS)
+
+
+def verify(directory, step: int, items: tuple[str, ...] | None = None) -> bool:
+    """True if the step's files (of `items`, default all) match its checksums, False if it predates
+    checksums (a warning says so); raises DamagedCheckpointError naming the first damaged or missing
+    file, or the missing checksums."""
+    step_dir = pathlib.Path(directory) / str(step)
+    checksums_path = step_dir / CHECKSUMS
+    if not checksums_path.exists():
+        if read_metadata(directory, step).get("checksums"):
+            raise DamagedCheckpointError(f"{step_dir}: {CHECKSUMS} is missing although this checkpoint was saved with one: unverified, not loaded")
+        log.warning("%s: saved before bertjax kept checksums; loading it unverified", step_dir)
+        return False
+    try:
+        recorded = json.loads(checksums_path.read_text())["files"]
+    except (ValueError, KeyError, TypeError) as error:
+        raise DamagedCheckpointError(f"{checksums_path}: damaged ({error}): checkpoint step {step} cannot be verified, not loaded") from None
+    for name, checksum in recorded.items():
+        if items is not None and name.split("/", 1)[0] not in items:
+            continue
+        path = step_dir / name
+        if not path.is_file():
+            raise DamagedCheckpointError(f"{path}: missing from checkpoint step {step}: damaged, not loaded")
+        if _sha256(path) != checksum:
+            raise DamagedCheckpointError(f"{path}: checksum mismatch: checkpoint step {step} is damaged, not loaded")
+    return True
+
+
+def newest_verified_step(directory, steps, items: tuple[str, ...] | None = None) -> tuple[int | None, list[int]]:
+    """(the newest of `steps` that verifies, the newer ones that do not), logging why each fails."""
+    rejected = []
+    for step in sorted(steps, reverse=True):
+        try:
+            verify(directory, step, items)
+            return step, rejected
+        except DamagedCheckpointError as error:
+            log.warning("%s; trying the previous checkpoint", error)
+            rejected.append(step)
+    return None, rejected
+
+
+class ChecksummedCheckpointManager(ocp.CheckpointManager):
+    """An orbax CheckpointManager whose every save commits checksums.json with the step (module docstring).
+
+    Always asynchronous underneath (orbax calls the hook only from its async commit);
+    `save(..., wait=True)` blocks until the step is on disk.
+    """
+
+    def __init__(self, directory, options: ocp.CheckpointManagerOptions):
+        self._committing: int | None = None
+        options.enable_async_checkpointing = True
+        options.async_options = ocp.AsyncOptions(post_finalization_callback=self._write_checksums)
+        super().__init__(directory, options=options)
+
+    def _write_checksums(self) -> None:
+        if jax.process_index() == 0:  # orbax calls the hook on the primary process only, after all have written
+            temporary = pathlib.Path(self.directory) / f"{self._committing}{ORBAX_TMP_SUFFIX}"
+            if not temporary.is_dir():
+                raise FileNotFoundError(f"{temporary}: not where this orbax version writes step {self._committing}")
+            write_checksums(temporary)
+
+    def save(self, step: int, *args, wait: bool = False, **kwargs) -> bool:
+        self.wait_until_finished()  # the hook of the previous save has run; it is now this step's turn
+        self._committing = step
+        saved = super().save(step, *args, **kwargs)
+        if wait:
+            self.wait_until_finished()
+        return saved
+
+
 def index(workdir) -> list[dict]:
     """The checkpoints of a run, read from disk: step, kept, tokens seen, config hash, git revision."""
-    directory = pathlib.Path(workdir) / CHECKPOINTS
+    directory = pathlib.Path(workdir).expanduser().absolute() / CHECKPOINTS
     return [read_metadata(directory, step) for step in _steps_on_disk(directory)]
 
 
@@ -101,10 +222,11 @@ def _steps_on_disk(directory: pathlib.Path) -> list[int]:
 
 
 def _split_source(source: str) -> tuple[pathlib.Path, int | None]:
+    """(absolute path, step or None) of WORKDIR, WORKDIR:STEP or a HF directory, as typed (relative or ~/...)."""
     path, _, step = str(source).rpartition(":")
     if path and step.isdigit():
-        return pathlib.Path(path), int(step)
-    return pathlib.Path(source), None
+        return pathlib.Path(path).expanduser().absolute(), int(step)
+    return pathlib.Path(source).expanduser().absolute(), None
 
 
 def is_huggingface_dir(path) -> bool:
@@ -120,15 +242,22 @@ def read_config(workdir) -> ml_collections.ConfigDict:
 
 
 def _workdir_step(workdir: pathlib.Path, step: int | None) -> int:
+    """The step to load, verified: the one asked for (a damaged one is an error), else the newest that verifies."""
     directory = workdir / CHECKPOINTS
     steps = _steps_on_disk(directory)
     if not steps:
         raise FileNotFoundError(f"{directory}: no complete checkpoint")
-    if step is None:
-        return max(steps)
-    if step not in steps:
-        raise FileNotFoundError(f"{directory}: no checkpoint at step {step}; there are {sorted(steps)}")
-    return step
+    if step is not None:
+        if step not in steps:
+            raise FileNotFoundError(f"{directory}: no checkpoint at step {step}; there are {sorted(steps)}")
+        verify(directory, step, LOADED_ITEMS)
+        return step
+    newest, rejected = newest_verified_step(directory, steps, LOADED_ITEMS)
+    if newest is None:
+        raise DamagedCheckpointError(f"{directory}: no checkpoint verifies (steps {sorted(steps)}; the log names each damaged file)")
+    if rejected:
+        log.warning("%s: loading step %d, the newest that verifies", directory, newest)
+    return newest
 
 
 def _single_device(abstract_params):
@@ -173,21 +302,21 @@ def load_params(source: str, abstract_params=None):
 
 def save_params(workdir, config, params, step: int = 0) -> pathlib.Path:
     """Write a workdir that `load_params` (and `init_from`) read: config.json and a params-only checkpoint."""
-    workdir = pathlib.Path(workdir).absolute()
+    workdir = pathlib.Path(workdir).expanduser().absolute()
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.json").write_text(config_lib.to_json(config) + "\n")
-    manager = ocp.CheckpointManager(workdir / CHECKPOINTS, options=ocp.CheckpointManagerOptions(enable_async_checkpointing=False))
+    manager = ChecksummedCheckpointManager(workdir / CHECKPOINTS, ocp.CheckpointManagerOptions())
     metadata = {
         "step": step,
         "kept": True,
         "params_only": True,
+        "checksums": True,
         "tokens_seen": 0,
         "config_hash": config_lib.config_hash(config),
         "git_revision": git_revision(),
         "param_shapes": param_shapes(params),
     }
-    manager.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params), metadata=ocp.args.JsonSave(metadata)), force=True)
-    manager.wait_until_finished()
+    manager.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params), metadata=ocp.args.JsonSave(metadata)), force=True, wait=True)
     manager.close()
     return workdir
 

@@ -31,7 +31,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 import tqdm
 from flax import linen as nn
 from flax import traverse_util
@@ -46,6 +45,7 @@ from bertjax.models.heads import BertForTask
 from bertjax.train import optim, partitioning
 from bertjax.train import metrics as writers
 from bertjax.train import state as state_lib
+from bertjax.train import workdir as workdir_lib
 
 log = logging.getLogger(__name__)
 
@@ -433,10 +433,13 @@ def summarize(values: list[float]) -> dict:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
-    """Fine-tune once per seed; write and return results.json's content."""
+    """Fine-tune once per seed; write and return results.json's content. The run holds the workdir's lock."""
     config_lib.validate(config)
-    workdir = pathlib.Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    with workdir_lib.lock(workdir) as locked:
+        return _train(config, locked)
+
+
+def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
     family = config.task.family
     if family not in TARGETS:
         raise config_lib.ConfigError(f"config.task.family={family!r}: choose one of {sorted(TARGETS)}")
@@ -552,7 +555,7 @@ def predict(workdir, lines: Iterable[str]) -> Iterator[str]:
     """One prediction per input line, with the best seed's best parameters: the label, the score
     (regression), the space-separated tags (tagging; input = whitespace-separated words) or the
     answer text (QA; input = question TAB passage)."""
-    workdir = pathlib.Path(workdir)
+    workdir = pathlib.Path(workdir).expanduser().absolute()
     if not (workdir / RESULTS_FILE).exists():
         raise FileNotFoundError(f"{workdir / RESULTS_FILE} does not exist: {workdir} is not a finished fine-tuning run")
     config = checkpoint_io.read_config(workdir)
@@ -565,9 +568,7 @@ def predict(workdir, lines: Iterable[str]) -> Iterator[str]:
     boxed = state_lib.abstract_params(model, config.data.max_seq_length)
     shardings = partitioning.param_shardings(boxed, placement.mesh, placement.rule_table)
     abstract = jax.tree.map(lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding), nn.meta.unbox(boxed), shardings)
-    manager = ocp.CheckpointManager(seed_dir / checkpoint_io.CHECKPOINTS, options=ocp.CheckpointManagerOptions(read_only=True, create=False))
-    params = manager.restore(manager.latest_step(), args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract)))["params"]
-    manager.close()
+    _, params = checkpoint_io.load_params(str(seed_dir), abstract)
 
     logits_fn = _logits_fn(model)
     family = config.task.family

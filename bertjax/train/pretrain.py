@@ -4,7 +4,8 @@ Read top to bottom: mesh, data, model, state, step, checkpoint, loop. The loss i
 cross-entropy averaged over the weighted masked positions plus the sentence objective's
 cross-entropy (NSP or SOP; none when data.sentence_objective='none'). A workdir that holds
 checkpoints resumes from the newest complete one, exactly: same parameters, optimizer state, data
-position and dropout keys as if the run had never stopped.
+position and dropout keys as if the run had never stopped. The run holds the workdir's lock
+(`bertjax.train.workdir`) from before its first write to its end.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from bertjax.train import checkpoints as checkpoints_lib
 from bertjax.train import metrics as metrics_lib
 from bertjax.train import optim, partitioning
 from bertjax.train import state as state_lib
+from bertjax.train import workdir as workdir_lib
 
 BATCH_KEYS = ("input_ids", "token_type_ids", "attention_mask", "masked_positions", "masked_ids", "masked_weights")
 SENTENCE_OBJECTIVES = ("nsp", "sop")
@@ -232,12 +234,16 @@ def train_and_evaluate(config, workdir) -> dict:
     config_lib.validate(config)
     # Orbax reports every phase of every save at INFO (through absl); the progress bar says enough.
     logging.getLogger("absl").setLevel(logging.WARNING)
-    workdir = pathlib.Path(workdir)
+    partitioning.initialize_distributed(config.mesh)  # before the lock: it asks which process this is
+    with workdir_lib.lock(workdir) as locked:
+        return _train(config, locked)
+
+
+def _train(config, workdir: pathlib.Path) -> dict:
     total_steps = config.train.total_steps
     seq_len = config.data.max_seq_length
 
     # --- Mesh
-    partitioning.initialize_distributed(config.mesh)
     mesh = partitioning.make_mesh(config.mesh)
     rule_table = partitioning.rules(config.mesh)
     primary = jax.process_index() == 0
@@ -296,7 +302,7 @@ def train_and_evaluate(config, workdir) -> dict:
             log.warning("resuming %s from step %d with a config that differs from the checkpoint's", workdir, latest)
         log.info("resumed from %s step %d", checkpoints.directory, latest)
     elif latest is not None or config.init_from:
-        source = f"{workdir.absolute()}:{latest}" if latest is not None else config.init_from
+        source = f"{workdir}:{latest}" if latest is not None else config.init_from
         _, params = checkpoint_io.load_params(source, state_spec.abstract.params)
         state = state.replace(params=params)
         log.info("initialised the parameters from %s (fresh optimizer)", source)
