@@ -78,25 +78,106 @@ def test_real_corpora_are_detected_and_split(shared_data):
     assert len(articles) == 60 and articles[0][0].startswith("Homarus gammarus , known as the European lobster")
 
 
-def test_bad_input_is_reported(tmp_path, caplog):
-    bad = tmp_path / "bad.txt"
-    bad.write_bytes(b"Good text here.\nCaf\xe9 and na\xefve.\n")
+def test_encodings_are_decoded_and_reported(tmp_path, caplog):
+    latin = tmp_path / "latin1.txt"
+    latin.write_bytes("Good text here.\r\nCaf\u00e9 and na\u00efve.\r\n".encode("latin-1"))
+    mixed = tmp_path / "mixed.txt"
+    mixed.write_bytes("Caf\u00e9 is UTF-8.\n".encode() + b"One bad \xff byte.\n")
+    utf16 = tmp_path / "utf16.txt"
+    utf16.write_bytes("Hello w\u00f6rld.\n".encode("utf-16"))
     with caplog.at_level(logging.WARNING):
-        assert corpus.read_text(bad) == "Good text here.\nCaf\ufffd and na\ufffdve.\n"
-    assert any(str(bad) in r.message and "replaced 2" in r.message for r in caplog.records)
-    caplog.clear()
+        assert corpus.read_text(latin) == "Good text here.\nCaf\u00e9 and na\u00efve.\n"
+        assert corpus.read_text(mixed) == "Caf\u00e9 is UTF-8.\nOne bad \ufffd byte.\n"
+        assert corpus.read_text(utf16) == "Hello w\u00f6rld.\n"
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(str(latin) in m and "read as Windows-1252 (2 non-ASCII bytes)" in m for m in messages)
+    assert any(str(mixed) in m and "first bad byte at offset 24" in m and "replaced 1 " in m for m in messages)
+
+
+def test_binary_files_are_refused_by_name_or_skipped_in_a_directory(tmp_path, caplog):
+    png = tmp_path / "images" / "logo.png"
+    png.parent.mkdir()
+    png.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256)) * 8)
+    noise = tmp_path / "images" / "noise.bin"
+    noise.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    with pytest.raises(corpus.CorpusError, match=f"^{png} is not a text file \\(it has NUL bytes\\): remove it from config.data.corpus$"):
+        corpus.Corpus(str(png)).documents()
+    with pytest.raises(corpus.CorpusError, match=r"'.*images' holds no text file \(2 binary: .*logo.png, .*noise.bin\)$"):
+        corpus.Corpus(str(png.parent)).documents()
+    (png.parent / "notes.txt").write_text("A sentence here. And another one.\n")
+    (png.parent / ".hidden.txt").write_text("Not part of the corpus.\n")
+    with caplog.at_level(logging.WARNING):
+        assert corpus.Corpus(str(png.parent)).documents() == [["A sentence here.", "And another one."]]
+    assert any("skipped 2 binary file(s)" in r.getMessage() for r in caplog.records)
+    assert corpus.binary_reason(b"Plain text.\n" + b"\x07" * 10) == "45% of its first 22 bytes are control characters"
+
+
+def test_empty_inputs_and_unmatched_globs_name_the_input(tmp_path, caplog):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n \n")
+    with pytest.raises(corpus.CorpusError, match=f"holds no text: {empty} is empty or blank$"):
+        corpus.Corpus(str(empty)).documents()
+    text = write_corpus(tmp_path / "text.txt", documents=3)
+    with caplog.at_level(logging.WARNING):
+        assert len(corpus.Corpus(f"{empty},{text}").documents()) == 3
+    assert any("1 file(s) hold no text" in r.getMessage() and str(empty) in r.getMessage() for r in caplog.records)
+    with pytest.raises(corpus.CorpusError, match=r"config.data.corpus: '.*nothing\*.txt' matches no file$"):
+        corpus.Corpus(str(tmp_path / "nothing*.txt")).files()
+    with pytest.raises(corpus.CorpusError, match="matches no file \\(relative paths are read from "):
+        corpus.Corpus("no/such/dir/*.txt").files()
+    (tmp_path / "hollow").mkdir()
+    with pytest.raises(corpus.CorpusError, match="directory '.*hollow' holds no file$"):
+        corpus.Corpus(str(tmp_path / "hollow")).files()
+    with pytest.raises(corpus.CorpusError, match="config.data.corpus is empty"):
+        corpus.Corpus("").files()
+
+
+def test_flat_sentences_file_is_one_document_and_says_so(caplog):
     with caplog.at_level(logging.WARNING):
         documents = corpus.parse("Line one.\nLine two.\nLine three.\n", "sentences", "flat.txt")
     assert documents == [["Line one.", "Line two.", "Line three."]]
-    assert any("flat.txt has no blank line" in r.message and "ONE document of 3 sentences" in r.message for r in caplog.records)
-    empty = tmp_path / "empty.txt"
-    empty.write_text("\n \n")
-    with pytest.raises(corpus.CorpusError, match="holds no text"):
-        corpus.Corpus(str(empty)).documents()
-    with pytest.raises(corpus.CorpusError, match="matches no file"):
-        corpus.Corpus(str(tmp_path / "nothing*.txt")).files()
-    with pytest.raises(corpus.CorpusError, match="config.data.corpus is empty"):
-        corpus.Corpus("").files()
+    assert any("flat.txt has no blank line" in r.getMessage() and "ONE document of 3 sentences" in r.getMessage() for r in caplog.records)
+
+
+def test_a_line_without_newline_or_punctuation_becomes_bounded_pseudo_sentences(tmp_path, caplog):
+    """A dump on one line (here 2 MB; 50 MB is measured in the README) is cut, counted, and loses no word."""
+    words = np.array("sea whale ship captain storm night oil boat mast rope deck".split())
+    line = " ".join(np.random.default_rng(0).choice(words, 400_000))
+    path = tmp_path / "one-line.txt"
+    path.write_text(line)
+    with caplog.at_level(logging.INFO):
+        (document,) = corpus.Corpus(str(path)).documents()
+    assert max(len(s) for s in document) <= corpus.MAX_SENTENCE_CHARS
+    assert len(document) >= len(line) // corpus.MAX_SENTENCE_CHARS
+    assert " ".join(document).split() == line.split()
+    assert any(
+        "cut 1 paragraph(s) longer than 65536 characters" in m and f"into {len(document)} pseudo-sentences" in m
+        for m in (r.getMessage() for r in caplog.records)
+    )
+    # Punctuated text keeps its sentences; only the one at each 64K cut is split in two.
+    text = "The whale swam away. " * 20_000
+    assert 20_000 <= len(corpus.parse(text, "documents")[0]) <= 20_000 + len(text) // corpus.MAX_PARAGRAPH_CHARS
+
+
+def test_concatenated_gutenberg_books_are_all_kept(tmp_path, caplog):
+    three = tmp_path / "three.txt"
+    three.write_bytes(GUTENBERG.encode() * 3)
+    with caplog.at_level(logging.INFO):
+        documents = corpus.Corpus(str(three)).documents()
+    assert len(documents) == 6 and documents[2:4] == documents[:2] == documents[4:]
+    assert any(
+        f"{three}: read as corpus_format=paragraphs (auto): 3 Project Gutenberg book(s)" in m and "6 documents, 18 sentences" in m
+        for m in (r.getMessage() for r in caplog.records)
+    )
+    assert not any("licence" in s.lower() or "donate" in s.lower() for d in documents for s in d)
+
+
+def test_five_copies_of_moby_dick_give_five_times_the_documents(shared_data, tmp_path):
+    moby = (shared_data / "corpus" / "moby-dick.txt").read_bytes()
+    five = tmp_path / "five.txt"
+    five.write_bytes(moby * 5)
+    one = corpus.parse(corpus.read_text(shared_data / "corpus" / "moby-dick.txt"), "auto")
+    assert len(corpus.parse(corpus.read_text(five), "auto")) == 5 * len(one)
 
 
 def test_python_docs_corpus_reads_docstrings():

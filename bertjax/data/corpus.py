@@ -1,7 +1,8 @@
 """Text corpora -> documents of sentences -> token ids, prepared once as a TFDS data set (array_record).
 
 `config.data.corpus` names the text:
-  - a path, a directory (every file in it), a glob, or several of these separated by commas;
+  - a path, a directory (every file in it but hidden ones), a glob, or several of these separated by
+    commas;
   - 'tfds:NAME' for any TFDS text data set (the text feature is `data.tfds_text_key`);
   - 'python-docs': the docstrings of the running interpreter's standard library, one document per
     module, read with `ast` (every machine with Python has it; no download, nothing copied).
@@ -9,13 +10,26 @@
 `config.data.corpus_format` says how a file splits into documents and sentences:
   - 'sentences': one sentence a line, a blank line between documents (the original BERT format);
   - 'documents': one document a line;
-  - 'paragraphs': hard-wrapped paragraphs separated by blank lines (Project Gutenberg books): the
-    Gutenberg header and footer are removed, chapter/book/part headings start documents;
+  - 'paragraphs': hard-wrapped paragraphs separated by blank lines (Project Gutenberg books, plays,
+    most plain text): each book's Gutenberg header and footer are removed (a file may hold several
+    books; all are kept), chapter/book/part headings start documents;
   - 'wikitext': ` = Title = ` lines start articles, one paragraph a line, ` = = Heading = = ` dropped;
   - 'auto' (default) decides per file: Gutenberg markers -> paragraphs; ` = Title = ` lines -> wikitext;
     no blank line at all -> documents; blank lines and most lines ending a sentence -> sentences;
-    otherwise paragraphs. The choice is logged.
+    otherwise paragraphs. The choice and the counts (books, documents, sentences) are logged.
 Paragraphs and one-line documents are split into sentences at sentence-final punctuation.
+
+What a file's structure does not give is repaired, counted and logged, never fatal:
+  - a paragraph longer than MAX_PARAGRAPH_CHARS (a 50 MB dump on one line) is cut at whitespace
+    before sentence splitting, and a sentence longer than MAX_SENTENCE_CHARS (text without
+    punctuation) into pseudo-sentences, so no string is too long to tokenize or train a tokenizer on;
+  - a corpus with too few documents for NSP and the eval split (a play, a book without chapter
+    headings: one document) gets its long documents cut into pseudo-documents of consecutive
+    sentences (`pseudo_documents`; the rule is in its docstring and the README).
+Bad input is a one-line CorpusError naming it: a glob or directory without a text file, a corpus with
+no text, a binary file named explicitly (binary files a directory or glob matches are skipped and
+counted). Text that is not UTF-8 is read as Windows-1252/Latin-1 when it has no UTF-8 beyond ASCII,
+else decoded with replacement; either way it is logged with counts.
 
 `prepare(config, tokenizer)` tokenizes every document once and stores it (token ids and sentence
 lengths) as a TFDS data set under `cache_root(config)/corpora/KEY`, KEY hashing the corpus files
@@ -28,12 +42,14 @@ the order or number of files).
 from __future__ import annotations
 
 import ast
+import collections
 import dataclasses
 import functools
 import glob
 import hashlib
 import json
 import logging
+import math
 import os
 import pathlib
 import re
@@ -50,7 +66,18 @@ from bertjax.errors import UserError
 
 FORMATS = ("auto", "sentences", "documents", "paragraphs", "wikitext")
 PYTHON_DOCS = "python-docs"
-PREPARED_VERSION = "1.0.0"
+PREPARED_VERSION = "1.1.0"
+# Bumped when reading a file gives other documents or sentences; part of every cache key (tokenizer, tokens).
+PARSE_VERSION = 2
+# Longest paragraph given to the sentence splitter in one piece, and longest sentence kept whole (in
+# characters; 5,000 CJK characters are 15 KB, under sentencepiece's 16 KB sentence limit).
+MAX_PARAGRAPH_CHARS = 1 << 16
+MAX_SENTENCE_CHARS = 5000
+# A pseudo-document holds at least this many sentences, so that it still makes sentence pairs.
+MIN_PSEUDO_DOCUMENT_SENTENCES = 8
+# How much of a file's start decides whether it is text: NUL bytes, or more control bytes than this fraction.
+_SNIFF_BYTES = 1 << 16
+_MAX_CONTROL_FRACTION = 0.05
 
 log = logging.getLogger(__name__)
 
@@ -70,16 +97,69 @@ class CorpusError(UserError, ValueError):
     """Corpus input that cannot be used; the message names the file (and line) or the config key."""
 
 
-def read_text(path) -> str:
-    """A file's text: UTF-8 (BOM dropped), line ends normalised; other bytes replaced, counted and logged."""
-    raw = pathlib.Path(path).read_bytes()
+_CONTROL_BYTES = bytes(b for b in range(32) if b not in b"\t\n\v\f\r\x1b")
+_NON_ASCII_TEXT = re.compile("[^\x00-\x7f\ufffd]")
+_LINE_END = re.compile("\r\n?")
+
+
+def binary_reason(sample: bytes) -> str | None:
+    """Why a file's first bytes are not text (NUL bytes, many control bytes), or None for text."""
+    if sample.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return None  # UTF-16 with a byte order mark
+    if b"\0" in sample:
+        return "it has NUL bytes"
+    controls = len(sample) - len(sample.translate(None, _CONTROL_BYTES))
+    if controls > _MAX_CONTROL_FRACTION * len(sample):
+        return f"{controls / len(sample):.0%} of its first {len(sample):,} bytes are control characters"
+    return None
+
+
+def _decode_legacy(raw: bytes) -> tuple[str, str]:
     try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as error:
-        text = raw.decode("utf-8-sig", errors="replace")
-        replaced = text.count("\ufffd") - raw.count("\ufffd".encode())
-        log.warning("%s is not valid UTF-8 (first bad byte at offset %d): replaced %d undecodable byte sequence(s) with U+FFFD", path, error.start, replaced)
-    return text.replace("\r\n", "\n").replace("\r", "\n")
+        return raw.decode("cp1252"), "Windows-1252"
+    except UnicodeDecodeError:  # bytes cp1252 leaves undefined (0x81, 0x8d, ...): Latin-1 maps every byte
+        return raw.decode("latin-1"), "Latin-1"
+
+
+def read_text(path) -> str:
+    """A file's text with line ends normalised to \\n; a binary file is refused with a CorpusError.
+
+    UTF-8 (a BOM dropped) and UTF-16 with a BOM are read as such. Text that is not valid UTF-8 and
+    has no UTF-8 character beyond ASCII is an 8-bit legacy file: it is read as Windows-1252 (Latin-1
+    where that fails) and logged. Otherwise the bad bytes are replaced by U+FFFD, counted and logged.
+    At most two copies of the file (its bytes and a string, or two strings) are held at a time.
+    """
+    raw = pathlib.Path(path).read_bytes()
+    reason = binary_reason(raw[:_SNIFF_BYTES])
+    if reason:
+        raise CorpusError(f"{path} is not a text file ({reason}): remove it from config.data.corpus")
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        text = raw.decode("utf-16", errors="replace")
+    else:
+        try:
+            text = raw.decode("utf-8-sig")
+        except UnicodeDecodeError as error:
+            text = raw.decode("utf-8-sig", errors="replace")
+            if _NON_ASCII_TEXT.search(text):
+                replaced = text.count("\ufffd") - raw.count("\ufffd".encode())
+                log.warning(
+                    "%s is not valid UTF-8 (first bad byte at offset %d): replaced %d undecodable byte sequence(s) with U+FFFD",
+                    path,
+                    error.start,
+                    replaced,
+                )
+            else:
+                del text
+                text, encoding = _decode_legacy(raw)
+                log.warning(
+                    "%s is not UTF-8 and has no UTF-8 character beyond ASCII: read as %s (%d non-ASCII bytes); "
+                    "convert it to UTF-8 (iconv -f ENCODING -t UTF-8) if that is not its encoding",
+                    path,
+                    encoding,
+                    len(raw.translate(None, bytes(range(128)))),
+                )
+    del raw
+    return _LINE_END.sub("\n", text) if "\r" in text else text
 
 
 def split_sentences(paragraph: str) -> list[str]:
@@ -96,18 +176,65 @@ def split_sentences(paragraph: str) -> list[str]:
     return sentences
 
 
-def _blocks(text: str) -> list[list[str]]:
-    """Runs of non-blank lines."""
-    blocks, current = [], []
-    for line in text.split("\n"):
-        if line.strip():
+def _lines(text: str, start: int = 0, end: int | None = None) -> Iterator[str]:
+    """The lines of text[start:end], one at a time: a large file is never held as a list of its lines."""
+    end = len(text) if end is None else end
+    while start < end:
+        stop = text.find("\n", start, end)
+        stop = end if stop < 0 else stop
+        yield text[start:stop]
+        start = stop + 1
+
+
+def _blank(line: str) -> bool:
+    return not line or line.isspace()
+
+
+def _blocks(text: str, start: int = 0, end: int | None = None) -> Iterator[list[str]]:
+    """Runs of non-blank lines of text[start:end]."""
+    current: list[str] = []
+    for line in _lines(text, start, end):
+        if not _blank(line):
             current.append(line)
         elif current:
-            blocks.append(current)
+            yield current
             current = []
     if current:
-        blocks.append(current)
-    return blocks
+        yield current
+
+
+def _cut(text: str, limit: int) -> list[str]:
+    """`text` in pieces of at most `limit` characters, each cut at the last space in the second half of
+    its window (a hard cut where there is none, as in text written without spaces)."""
+    pieces, start = [], 0
+    while len(text) - start > limit:
+        cut = max(text.rfind(space, start + limit // 2, start + limit) for space in " \t\n")
+        piece = text[start : cut if cut >= 0 else start + limit].strip()
+        if piece:
+            pieces.append(piece)
+        start = cut + 1 if cut >= 0 else start + limit
+    last = text[start:].strip()
+    return pieces + [last] if last else pieces
+
+
+def _cut_sentence(sentence: str, counts: collections.Counter) -> list[str]:
+    """A sentence, or pseudo-sentences of at most MAX_SENTENCE_CHARS where it is longer (counted)."""
+    if len(sentence) <= MAX_SENTENCE_CHARS:
+        return [sentence]
+    pieces = _cut(sentence, MAX_SENTENCE_CHARS)
+    counts["long sentences"] += 1
+    counts["pseudo-sentences"] += len(pieces)
+    return pieces
+
+
+def _sentences(paragraph: str, counts: collections.Counter) -> list[str]:
+    """`split_sentences`, with a paragraph or sentence too long to tokenize cut at spaces (counted)."""
+    if len(paragraph) > MAX_PARAGRAPH_CHARS:
+        counts["long paragraphs"] += 1
+        windows = _cut(paragraph, MAX_PARAGRAPH_CHARS)
+    else:
+        windows = [paragraph]
+    return [piece for window in windows for sentence in split_sentences(window) for piece in _cut_sentence(sentence, counts)]
 
 
 def detect_format(text: str) -> str:
@@ -124,8 +251,8 @@ def detect_format(text: str) -> str:
     return "sentences" if ending >= 0.6 * max(len(non_blank), 1) else "paragraphs"
 
 
-def _sentences_format(text: str, name: str) -> list[Document]:
-    blocks = _blocks(text)
+def _sentences_format(text: str, name: str, counts: collections.Counter) -> list[Document]:
+    blocks = [[piece for line in block for piece in _cut_sentence(line.strip(), counts)] for block in _blocks(text)]
     if len(blocks) == 1 and len(blocks[0]) > 1:
         log.warning(
             "%s has no blank line between documents: read as ONE document of %d sentences "
@@ -133,37 +260,49 @@ def _sentences_format(text: str, name: str) -> list[Document]:
             name,
             len(blocks[0]),
         )
-    return [[line.strip() for line in block] for block in blocks]
+    return blocks
 
 
-def _documents_format(text: str, name: str) -> list[Document]:
-    return [split_sentences(line) for line in text.split("\n") if line.strip()]
+def _documents_format(text: str, name: str, counts: collections.Counter) -> list[Document]:
+    return [_sentences(line, counts) for line in _lines(text) if not _blank(line)]
 
 
-def _paragraphs_format(text: str, name: str) -> list[Document]:
-    start, end = _GUTENBERG_START.search(text), _GUTENBERG_END.search(text)
-    if start:
-        text = text[start.end() : end.start() if end and end.start() > start.end() else len(text)]
-        log.info("%s: removed the Project Gutenberg header%s", name, " and footer" if end else "")
-    documents: list[Document] = [[]]
-    for block in _blocks(text):
-        # A heading is a short block (its title may take a second line) starting with a heading word.
-        if len(block) <= 2 and _HEADING.match(block[0].strip()):
-            documents.append([])
-            continue
-        if _GUTENBERG_END_LINE.match(block[0]):
-            continue
-        documents[-1].extend(split_sentences(" ".join(block)))
+def gutenberg_books(text: str) -> list[tuple[int, int]]:
+    """(start, end) offsets of the body of each Project Gutenberg book in `text`: from its START line to
+    its END line (to the next book's START, or the end of the text, where the END line is missing)."""
+    starts = list(_GUTENBERG_START.finditer(text))
+    books = []
+    for index, start in enumerate(starts):
+        limit = starts[index + 1].start() if index + 1 < len(starts) else len(text)
+        end = _GUTENBERG_END.search(text, start.end(), limit)
+        books.append((start.end(), end.start() if end else limit))
+    return books
+
+
+def _paragraphs_format(text: str, name: str, counts: collections.Counter) -> list[Document]:
+    books = gutenberg_books(text)
+    counts["books"] = len(books)
+    documents: list[Document] = []
+    for start, end in books or [(0, len(text))]:
+        documents.append([])  # a book starts a document
+        for block in _blocks(text, start, end):
+            # A heading is a short block (its title may take a second line) starting with a heading word.
+            if len(block) <= 2 and len(block[0]) < 200 and _HEADING.match(block[0].strip()):
+                documents.append([])
+                continue
+            if _GUTENBERG_END_LINE.match(block[0]):
+                continue
+            documents[-1].extend(_sentences(" ".join(block), counts))
     return [document for document in documents if document]
 
 
-def _wikitext_format(text: str, name: str) -> list[Document]:
+def _wikitext_format(text: str, name: str, counts: collections.Counter) -> list[Document]:
     documents: list[Document] = [[]]
-    for line in text.split("\n"):
+    for line in _lines(text):
         if _WIKITEXT_TITLE.match(line):
             documents.append([])
-        elif line.strip() and not _WIKITEXT_HEADING.match(line):
-            documents[-1].extend(split_sentences(line))
+        elif not _blank(line) and not _WIKITEXT_HEADING.match(line):
+            documents[-1].extend(_sentences(line, counts))
     return [document for document in documents if document]
 
 
@@ -176,13 +315,37 @@ _READERS = {
 
 
 def parse(text: str, corpus_format: str, name: str = "<text>") -> list[Document]:
-    """Documents (lists of sentences) of one file's text in `corpus_format` ('auto' detects it)."""
+    """Documents (lists of sentences) of one file's text in `corpus_format` ('auto' detects it).
+
+    Logs the format and the counts (books, documents, sentences), and any text cut into pseudo-sentences.
+    """
     if corpus_format not in FORMATS:
         raise CorpusError(f"config.data.corpus_format={corpus_format!r}: choose one of {FORMATS}")
-    if corpus_format == "auto":
-        corpus_format = detect_format(text)
-        log.info("%s: read as corpus_format=%s (auto)", name, corpus_format)
-    return _READERS[corpus_format](text, name)
+    chosen = detect_format(text) if corpus_format == "auto" else corpus_format
+    counts: collections.Counter = collections.Counter()
+    documents = _READERS[chosen](text, name, counts)
+    books = f"{counts['books']} Project Gutenberg book(s) (each one's header and footer removed), " if counts["books"] else ""
+    log.info(
+        "%s: read as corpus_format=%s%s: %s%d documents, %d sentences",
+        name,
+        chosen,
+        " (auto)" if corpus_format == "auto" else "",
+        books,
+        len(documents),
+        sum(len(document) for document in documents),
+    )
+    if counts["long sentences"] or counts["long paragraphs"]:
+        log.warning(
+            "%s: cut %d paragraph(s) longer than %d characters at spaces before sentence splitting, and %d sentence(s) "
+            "longer than %d characters into %d pseudo-sentences (a file without line breaks or sentence punctuation?)",
+            name,
+            counts["long paragraphs"],
+            MAX_PARAGRAPH_CHARS,
+            counts["long sentences"],
+            MAX_SENTENCE_CHARS,
+            counts["pseudo-sentences"],
+        )
+    return documents
 
 
 def _docstring_paragraphs(docstring: str) -> Iterator[str]:
@@ -233,30 +396,40 @@ class Corpus:
         return f"corpus {self.spec!r}"
 
     def files(self) -> list[pathlib.Path]:
+        return [path for _, matches, _ in self._patterns() for path in matches]
+
+    def _patterns(self) -> list[tuple[str, list[pathlib.Path], bool]]:
+        """(pattern, the files it names, whether it names one file explicitly) per comma-separated part."""
         if not self.spec.strip():
             raise CorpusError("config.data.corpus is empty: give a path, a glob, 'tfds:NAME' or 'python-docs'")
         if self.spec == PYTHON_DOCS:
-            return _python_docs_files()
+            return [(PYTHON_DOCS, _python_docs_files(), False)]
         if self.spec.startswith("tfds:"):
             return []
-        files: list[pathlib.Path] = []
+        patterns = []
         for pattern in (part.strip() for part in self.spec.split(",") if part.strip()):
             path = pathlib.Path(pattern).expanduser()
             if path.is_dir():
-                matches = sorted(p for p in path.rglob("*") if p.is_file())
+                # Hidden files and directories (.git, .DS_Store) are not part of a corpus.
+                matches = sorted(p for p in path.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts))
+                if not matches:
+                    raise CorpusError(f"config.data.corpus: directory {pattern!r} holds no file")
             else:
                 matches = sorted(pathlib.Path(p) for p in glob.glob(str(path), recursive=True) if os.path.isfile(p))
-            if not matches:
-                raise CorpusError(f"config.data.corpus: {pattern!r} matches no file")
-            files.extend(matches)
-        return files
+                if not matches:
+                    where = "" if path.is_absolute() else f" (relative paths are read from {os.getcwd()})"
+                    raise CorpusError(f"config.data.corpus: {pattern!r} matches no file{where}")
+            patterns.append((pattern, matches, path.is_file()))
+        return patterns
 
     def fingerprint(self) -> list:
-        """What identifies the text: file names, sizes and modification times (or the TFDS name)."""
+        """What identifies the text: file names, sizes and modification times (or the TFDS name), and
+        the version of the rules that read them."""
         if self.spec.startswith("tfds:"):
-            return [self.spec, self.tfds_text_key]
+            return [self.spec, self.tfds_text_key, PARSE_VERSION]
         stats = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in self.files()]
-        return [self.spec if self.spec == PYTHON_DOCS else "files", self.corpus_format, sys.version if self.spec == PYTHON_DOCS else "", stats]
+        kind = self.spec if self.spec == PYTHON_DOCS else "files"
+        return [kind, self.corpus_format, sys.version if self.spec == PYTHON_DOCS else "", stats, PARSE_VERSION]
 
     def documents(self) -> list[Document]:
         """Every non-empty document, in a fixed order; raises CorpusError when there is none.
@@ -266,44 +439,80 @@ class Corpus:
         """
         if self.spec.startswith("tfds:"):
             documents = [d for d in self._documents() if d]
-        else:
-            documents = _cached_documents(self, json.dumps(self.fingerprint()))
-        if not documents:
-            raise CorpusError(f"{self.description} holds no text (empty files?)")
-        return documents
+            if not documents:
+                raise CorpusError(f"{self.description} holds no text")
+            return documents
+        return _cached_documents(self, json.dumps(self.fingerprint()))
 
     def _documents(self) -> Iterator[Document]:
         if self.spec.startswith("tfds:"):
             yield from self._tfds_documents(self.spec[len("tfds:") :])
             return
-        files = self.files()
-        progress = tqdm.tqdm(files, desc=f"reading {self.description}", unit=" files", mininterval=2, disable=len(files) < 20)
-        for path in progress:
-            if self.spec == PYTHON_DOCS:
-                yield _python_docs_document(path)
-            else:
-                yield from parse(read_text(path), self.corpus_format, str(path))
+        for pattern, files, explicit in self._patterns():
+            binary, empty = [], []
+            progress = tqdm.tqdm(files, desc=f"reading {pattern}", unit=" files", mininterval=2, disable=len(files) < 20)
+            for path in progress:
+                if self.spec == PYTHON_DOCS:
+                    documents = [_python_docs_document(path)]
+                elif not explicit and _sniff(path):
+                    binary.append(path)  # a directory or glob may match images, archives, ...: skip them
+                    continue
+                else:
+                    documents = parse(read_text(path), self.corpus_format, str(path))
+                if not any(documents):
+                    empty.append(path)
+                yield from documents
+            if binary:
+                log.warning("%s: skipped %d binary file(s) that are not text: %s", pattern, len(binary), _some(binary))
+            if binary and len(binary) + len(empty) == len(files):
+                raise CorpusError(
+                    f"config.data.corpus: {pattern!r} holds no text file ({len(binary)} binary: {_some(binary)}"
+                    + (f"; {len(empty)} empty" if empty else "")
+                    + ")"
+                )
+            if empty and self.spec != PYTHON_DOCS:
+                log.warning("%s: %d file(s) hold no text: %s", pattern, len(empty), _some(empty))
 
     def _tfds_documents(self, name: str) -> Iterator[Document]:
         import tensorflow_datasets as tfds
 
         source = tfds.data_source(name, split="train", data_dir=self.tfds_data_dir or None)
+        counts: collections.Counter = collections.Counter()
         for index in tqdm.trange(len(source), desc=f"reading tfds:{name}", unit=" docs", mininterval=2):
             record = source[index]
             if self.tfds_text_key not in record:
                 raise CorpusError(f"tfds:{name} has no feature {self.tfds_text_key!r} (config.data.tfds_text_key); it has {sorted(record)}")
             text = record[self.tfds_text_key]
             text = text.decode("utf-8", errors="replace") if isinstance(text, bytes) else str(text)
-            yield [sentence for line in text.split("\n") for sentence in split_sentences(line)]
+            yield [sentence for line in _lines(text) for sentence in _sentences(line, counts)]
+        if counts["long sentences"] or counts["long paragraphs"]:
+            log.warning("tfds:%s: cut %d long paragraph(s) and %d long sentence(s) at spaces", name, counts["long paragraphs"], counts["long sentences"])
 
     def sentences(self) -> Iterator[str]:
         for document in self.documents():
             yield from document
 
 
+def _sniff(path: pathlib.Path) -> str | None:
+    """Why a file is not text, from its first bytes (None for text)."""
+    with open(path, "rb") as file:
+        return binary_reason(file.read(_SNIFF_BYTES))
+
+
+def _some(paths: list, shown: int = 3) -> str:
+    names = ", ".join(str(p) for p in paths[:shown])
+    return names + (f" and {len(paths) - shown} more" if len(paths) > shown else "")
+
+
 @functools.lru_cache(maxsize=4)
 def _cached_documents(corpus: Corpus, fingerprint: str) -> list[Document]:
-    return [document for document in corpus._documents() if document]
+    files = corpus.files()
+    documents = [document for document in corpus._documents() if document]
+    if not documents:
+        raise CorpusError(f"{corpus.description} holds no text: {_some(files)} {'is' if len(files) == 1 else 'are'} empty or blank")
+    if len(files) > 1:
+        log.info("%s: %d files, %d documents, %d sentences", corpus.description, len(files), len(documents), sum(len(d) for d in documents))
+    return documents
 
 
 def cache_root(config) -> pathlib.Path:
@@ -374,6 +583,60 @@ def _eval_choice(documents: list[Document], fraction: float) -> np.ndarray:
     chosen = np.zeros(len(documents), np.bool_)
     chosen[np.argsort(digests, kind="stable")[:count]] = True
     return chosen
+
+
+def minimum_documents(eval_fraction: float) -> int:
+    """Documents a corpus needs: max(4, ceil(1 / eval_fraction)) when its eval split is drawn from it,
+    so that the two held-out documents are at most twice their share and NSP has two on each side;
+    2 otherwise (NSP's random segments come from another document)."""
+    return max(4, math.ceil(1 / eval_fraction - 1e-9)) if eval_fraction > 0 else 2
+
+
+def pseudo_documents(documents: list[Document], minimum: int, description: str) -> list[Document]:
+    """`documents`, with long ones cut into pseudo-documents when there are fewer than `minimum`.
+
+    A play, a scraped dump or a book without chapter headings is one document: too few for NSP and
+    the eval split. Then every document longer than W sentences is cut into near-equal runs of at
+    most W consecutive sentences, W = max(MIN_PSEUDO_DOCUMENT_SENTENCES, sentences // (2 * minimum)),
+    which gives about twice the minimum (so the eval split is about its asked share). Logged with
+    the counts; documents that are already short stay as they are.
+    """
+    if len(documents) >= minimum:
+        return documents
+    total = sum(len(document) for document in documents)
+    window = max(MIN_PSEUDO_DOCUMENT_SENTENCES, total // (2 * minimum))
+    result: list[Document] = []
+    cut = 0
+    for document in documents:
+        parts = -(-len(document) // window)
+        if parts > 1:
+            cut += 1
+            bounds = [round(i * len(document) / parts) for i in range(parts + 1)]
+            result.extend(document[begin:end] for begin, end in zip(bounds[:-1], bounds[1:]))
+        else:
+            result.append(document)
+    if cut:
+        log.warning(
+            "%s has %d document(s), too few for NSP and the eval split (it needs %d): cut %d document(s) longer than %d "
+            "sentences into pseudo-documents of at most %d consecutive sentences; now %d documents",
+            description,
+            len(documents),
+            minimum,
+            cut,
+            window,
+            window,
+            len(result),
+        )
+    if len(result) < minimum:
+        log.warning(
+            "%s has %d document(s) of %d sentences in all, fewer than the %d that NSP and the eval split need "
+            "(a larger corpus, or data.eval_corpus, avoids it)",
+            description,
+            len(result),
+            total,
+            minimum,
+        )
+    return result
 
 
 def _builder_class():
@@ -452,13 +715,14 @@ def prepare(config, tokenizer) -> dict[str, TokenizedDocuments]:
 
 
 def _build(directory: pathlib.Path, train_corpus: Corpus, eval_corpus: Corpus | None, eval_fraction: float, tokenizer) -> None:
-    documents = train_corpus.documents()
     if eval_corpus is None:
+        documents = pseudo_documents(train_corpus.documents(), minimum_documents(eval_fraction), train_corpus.description)
         held_out = _eval_choice(documents, eval_fraction)
         train_documents = [d for d, h in zip(documents, held_out) if not h]
         eval_documents = [d for d, h in zip(documents, held_out) if h]
     else:
-        train_documents, eval_documents = documents, eval_corpus.documents()
+        train_documents = pseudo_documents(train_corpus.documents(), minimum_documents(0), train_corpus.description)
+        eval_documents = pseudo_documents(eval_corpus.documents(), minimum_documents(0), eval_corpus.description)
     splits = {
         "train": tokenize_documents(train_documents, tokenizer, f"{train_corpus.description} (train)"),
         "eval": tokenize_documents(eval_documents, tokenizer, "eval documents"),

@@ -56,6 +56,16 @@ def _prepared(data_json: str, vocab_size: int | None):
     if vocab_size is not None:
         config.model = ml_collections.ConfigDict({"vocab_size": vocab_size})
     tokenizer = tokenizer_lib.for_config(config)
+    if vocab_size is not None and tokenizer.vocab_size < vocab_size:
+        log.warning(
+            "tokenizer %s has %d pieces but config.model.vocab_size=%d: %d embedding rows are never used "
+            "(set --config.model.vocab_size=%d to drop them)",
+            tokenizer.path,
+            tokenizer.vocab_size,
+            vocab_size,
+            vocab_size - tokenizer.vocab_size,
+            tokenizer.vocab_size,
+        )
     documents = corpus.prepare(config, tokenizer)
     data = config.data
     instances = {}
@@ -64,7 +74,7 @@ def _prepared(data_json: str, vocab_size: int | None):
             continue
         seed = data.seed if split == "train" else EVAL_INSTANCE_SEED
         instances[split], report = pretraining.create_instances(
-            documents[split], data.max_seq_length, data.short_seq_prob, data.sentence_objective, seed
+            documents[split], data.max_seq_length, data.short_seq_prob, data.sentence_objective, seed, f"the {split} split of {data.corpus!r}"
         )
         log.info("%s instances of %s: %s", split, data.corpus, json.dumps(report))
         unused = report["single_sentence_documents_unused"] + report["trailing_single_sentences_unused"]
@@ -109,7 +119,7 @@ def batches(config, split: str = "train", process_index: int | None = None, proc
     data = config.data
     tokenizer, documents, instances = prepared(config)
     if split not in instances:
-        raise ValueError(
+        raise corpus.CorpusError(
             f"the eval split of {data.corpus!r} is empty: set config.data.eval_fraction > 0 (with at least two documents) "
             "or config.data.eval_corpus"
         )

@@ -22,7 +22,7 @@ import dataclasses
 import numpy as np
 
 from bertjax.config import SENTENCE_OBJECTIVES as OBJECTIVES
-from bertjax.data.corpus import TokenizedDocuments
+from bertjax.data.corpus import CorpusError, TokenizedDocuments
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,9 +63,13 @@ def _split_long_sentences(documents: TokenizedDocuments, max_tokens: int) -> tup
 
 
 def create_instances(
-    documents: TokenizedDocuments, max_seq_length: int, short_seq_prob: float, objective: str, seed: int
+    documents: TokenizedDocuments, max_seq_length: int, short_seq_prob: float, objective: str, seed: int, name: str = "this split"
 ) -> tuple[Instances, dict]:
-    """The instance table of `documents` and a report of what could not be used (and why)."""
+    """The instance table of `documents` and a report of what could not be used (and why).
+
+    Documents too few or too short for the objective are a CorpusError naming `name` (e.g. "the eval
+    split of corpus 'x.txt'"); bertjax.data.corpus.pseudo_documents makes this rare for real text.
+    """
     if objective not in OBJECTIVES:
         raise ValueError(f"config.data.sentence_objective={objective!r}: choose one of {OBJECTIVES}")
     max_tokens = max_seq_length - num_special_tokens(objective)
@@ -133,14 +137,15 @@ def create_instances(
             chunk_start, chunk_tokens = i, 0
             target = target_length()
     if objective == "nsp" and num_documents < 2:
-        raise ValueError(
+        raise CorpusError(
             f"objective 'nsp' needs at least two documents (its random segments come from another document) "
-            f"but this split has {num_documents}: give a larger data.eval_fraction, a data.eval_corpus, or a corpus with more documents"
+            f"but {name} has {num_documents}: give a larger data.eval_fraction, a data.eval_corpus, a corpus with more "
+            "documents, or data.sentence_objective=sop"
         )
     if not rows:
-        raise ValueError(
-            f"no pretraining instance: {num_documents} documents, {single_sentence_documents} of them with a single "
-            f"sentence (objective {objective!r} needs two sentences in a document)"
+        raise CorpusError(
+            f"no pretraining instance in {name}: {num_documents} documents, {single_sentence_documents} of them with a single "
+            f"sentence (objective {objective!r} needs two sentences in a document; 'none' does not)"
         )
     table = np.array(rows, np.int64)
     a_start, a_length, b_start, b_length = _truncate(table[:, 0], table[:, 1], table[:, 2], table[:, 3], max_tokens, rng)
