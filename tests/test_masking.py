@@ -141,6 +141,39 @@ def test_span_masking_lengths():
     assert np.mean(runs > 1) > 0.5  # spans, not isolated tokens
 
 
+def chinese_tokenizer():
+    """One piece per character, as bertjax's tokenizers have Chinese, and a Latin word and its suffix."""
+    pieces = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "\u2581iPhone", "iPhone", "s", "。", *"我喜欢用拍照今天天气很好北京大学"]
+    is_special = np.arange(len(pieces)) < 5
+    is_cjk = np.array([len(p) == 1 and "\u3001" <= p <= "\u9fff" for p in pieces])
+    word_start = is_special | is_cjk | np.array([p.startswith("\u2581") for p in pieces])
+    return types.SimpleNamespace(mask_id=MASK, is_special=is_special, word_start=word_start, is_cjk=is_cjk, pieces=pieces)
+
+
+@pytest.mark.parametrize("mode", ["whole_word", "span"])
+def test_chinese_words_are_jieba_words_masked_whole(mode):
+    pytest.importorskip("jieba")
+    tokenizer = chinese_tokenizer()
+    index = {piece: i for i, piece in enumerate(tokenizer.pieces)}
+    # 我|喜欢|用|iPhone s|拍照|。|今天天气|很|好|。|北京大学 (jieba's dictionary words, without HMM guesses);
+    # 'iPhone' has no '▁' but starts a word after a Chinese character.
+    row = [CLS, *(index[c] for c in "我喜欢用"), index["iPhone"], index["s"], *(index[c] for c in "拍照。今天天气很好。北京大学"), SEP]
+    words = [[1], [2, 3], [4], [5, 6], [7, 8], [9], [10, 11, 12, 13], [14], [15], [16], [17, 18, 19, 20]]
+    ids = np.array([row] * 400, np.int32)
+    spec = masking.MaskingSpec(rate=0.3, max_predictions=8, whole_word=mode == "whole_word", span=mode == "span")
+    out = masking.Masker(spec, tokenizer)(ids, np.zeros(400, np.int64), np.arange(400))
+    chosen = np.zeros_like(ids, bool)
+    np.put_along_axis(chosen, out["masked_positions"], out["masked_weights"].astype(bool), axis=1)
+    for word in words:
+        assert (chosen[:, word].all(1) | ~chosen[:, word].any(1)).all(), word
+    # Every word is chosen in some row; token-level masking splits words.
+    assert all(chosen[:, word].all(1).any() for word in words)
+    token_level = masking.Masker(masking.MaskingSpec(rate=0.3, max_predictions=8), tokenizer)(ids, np.zeros(400, np.int64), np.arange(400))
+    split = np.zeros_like(ids, bool)
+    np.put_along_axis(split, token_level["masked_positions"], token_level["masked_weights"].astype(bool), axis=1)
+    assert (split[:, 2] != split[:, 3]).any()
+
+
 def test_masks_are_a_pure_function_of_seed_epoch_and_example():
     spec = masking.MaskingSpec()
     ids = fake_batch(batch=16, seed=5)

@@ -70,26 +70,54 @@ def test_truncation_longest_first(trained):
 
 
 def test_chinese_characters_are_pieces_and_padding_is_masked(trained):
-    out = trained.encode_batch(["貓追狗", "貓追老鼠"])
-    pieces = [[trained.id_to_piece(i) for i in row if i not in trained.special_ids] for row in out["input_ids"]]
-    assert [p.strip("\u2581") for p in pieces[0] if p.strip("\u2581")] == ["貓", "追", "狗"]
-    assert out["input_ids"].shape[0] == 2 and out["input_ids"][0, -1] == trained.pad_id
-    assert out["attention_mask"][0, -1] == 0 and out["attention_mask"][1].all()
+    out = trained.encode_batch(["貓追狗", "貓追老鼠"], padding="longest")
+    # One piece per character between [CLS] and [SEP], no stand-alone '▁'; the shorter row padded.
+    assert [[trained.id_to_piece(i) for i in row] for row in out["input_ids"]] == [
+        ["[CLS]", "貓", "追", "狗", "[SEP]", "[PAD]"],
+        ["[CLS]", "貓", "追", "老", "鼠", "[SEP]"],
+    ]
+    assert out["attention_mask"].sum(1).tolist() == [5, 6]
     assert trained.decode(trained.encode("貓追狗")) == "貓追狗"
+    # Each character starts a word; a Latin word after one keeps its '▁' piece.
+    assert trained.word_start[trained.encode("貓追狗")].all()
+    assert [trained.id_to_piece(i) for i in trained.encode("the 貓 whale")][-2:] == ["貓", "\u2581whale"]
 
 
-def test_byte_fallback_and_decode(trained):
-    text = "the whale 😀 Ω"
-    ids = trained.encode(text)
-    assert trained.unk_id not in ids
-    assert trained.decode(ids) == text
-    assert any(trained.id_to_piece(i).startswith("<0x") for i in ids)
+def test_every_cjk_character_of_the_text_gets_a_piece_however_rare(tmp_path):
+    text_file = tmp_path / "text.txt"
+    # Simplified text, and once each a traditional character (貓) and a rare extension-A one (㐀).
+    text_file.write_text(english_text() + "猫追狗。\n" * 50 + "貓\n㐀。\n", encoding="utf-8")
+    tok = tokenizer_lib.load(tokenizer_lib.train([str(text_file)], 400, str(tmp_path / "out")))
+    for char in "猫貓追狗㐀":
+        assert [tok.id_to_piece(i) for i in tok.encode(char)] == [char]
+    # A character the text did not have falls back to bytes, as before, with no stand-alone '▁' before them.
+    assert all(tok.id_to_piece(i).startswith("<0x") for i in tok.encode("象"))
 
 
-def test_word_start_marks_first_pieces(trained):
-    ids = trained.encode("harpooneers whaleship")
-    starts = trained.word_start[ids]
-    assert starts[0] and starts.sum() == 2
+def test_too_small_a_vocabulary_for_the_characters_is_one_line(tmp_path, capsys):
+    text_file = tmp_path / "text.txt"
+    text_file.write_text("".join(chr(0x4E00 + i) for i in range(200)) + "。\n" + english_text(50), encoding="utf-8")
+    assert cli.main(["tokenizer", "train", "--input", str(text_file), "--vocab-size", "400", "--out", str(tmp_path / "out")]) == 1
+    error = [line for line in capsys.readouterr().err.splitlines() if line.strip() and not line.startswith("reading ")]  # tqdm's progress
+    assert len(error) == 1 and error[0].startswith("bertjax tokenizer: ") and "text.txt has 206 distinct CJK characters" in error[0]
+    assert error[0].endswith("set model.vocab_size (or --vocab-size) to at least 512, not 400")
+
+
+def test_tokenizers_trained_per_ideograph_encode_as_they_were_trained(tmp_path):
+    """Models trained on text with spaces around each ideograph (before TRAINING_VERSION 2) learned
+    '▁貓' pieces; they still get such text, so that they encode as they did."""
+    spm = pytest.importorskip("sentencepiece")
+    text_file = tmp_path / "split.txt"
+    text_file.write_text(tokenizer_lib.split_cjk(english_text() + "貓追狗。貓追老鼠。狗追貓。\n" * 200), encoding="utf-8")
+    spm.SentencePieceTrainer.train(input=str(text_file), model_prefix=str(tmp_path / "old"), model_type="bpe", vocab_size=340, pad_id=0, unk_id=1,
+                                   bos_id=-1, eos_id=-1, pad_piece="[PAD]", unk_piece="[UNK]", user_defined_symbols=["[CLS]", "[SEP]", "[MASK]"],
+                                   byte_fallback=True, hard_vocab_limit=False, minloglevel=2)
+    old = tokenizer_lib.load(tmp_path / "old.model")
+    assert old.splits_cjk
+    ids = old.encode("the 貓追狗")
+    assert ids == old.processor.encode(tokenizer_lib.split_cjk("the 貓追狗"))
+    assert [old.id_to_piece(i) for i in ids][-3:] == ["\u2581貓", "\u2581追", "\u2581狗"]
+    assert old.decode(ids) == "the 貓追狗"
 
 
 def test_save_and_load(trained, tmp_path):
@@ -126,6 +154,28 @@ def test_bad_inputs(tmp_path, caplog):
         tokenizer_lib.load(vocab)
     with pytest.raises(tokenizer_lib.TokenizerError, match="does not exist"):
         tokenizer_lib.load(tmp_path / "missing.model")
+
+
+def test_wordpiece_trainer_writes_a_vocab_that_transformers_reads_alike(tmp_path, capsys):
+    transformers = pytest.importorskip("transformers")
+    text_file = tmp_path / "a.txt"
+    text_file.write_text(english_text(300) + "Naïve CAFÉ harpooneers, 1996-08-30!\n" * 5 + "貓\n", encoding="utf-8")
+    assert cli.main(["tokenizer", "train", "--input", str(text_file), "--vocab-size", "350", "--out", str(tmp_path / "wp"), "--model-type", "wordpiece"]) == 0
+    path = capsys.readouterr().out.strip().splitlines()[-1]
+    assert path.endswith("vocab.txt")
+    ours = tokenizer_lib.load(path)
+    assert [ours.id_to_piece(i) for i in range(5)] == list(tokenizer_lib.SPECIAL_TOKENS) and ours.vocab_size <= 350
+    assert any(piece.startswith("##") for piece in ours.pieces)
+    texts = ["The White whales, sailing!", "naive cafe HARPOONEERS 1996-08-30", "貓追狗 unknownword 😀"]
+    pairs = ["whales sail.", "the sea", "狗"]
+    for theirs in (transformers.BertTokenizer(path, do_lower_case=True), transformers.BertTokenizer.from_pretrained(str(tmp_path / "wp"))):
+        for text in texts:
+            assert ours.encode(text) == theirs.encode(text, add_special_tokens=False)
+        expected = theirs(texts, pairs, max_length=12, truncation="longest_first", padding="longest", return_tensors="np")
+        got = ours.encode_batch(texts, pairs=pairs, max_length=12)
+        for key in ("input_ids", "token_type_ids", "attention_mask"):
+            np.testing.assert_array_equal(got[key], expected[key])
+    assert ours.encode("貓") != [ours.unk_id] and ours.encode("象") == [ours.unk_id]
 
 
 def test_wordpiece_vocab_tokenizes_as_transformers(tmp_path):

@@ -11,13 +11,23 @@ non-special, non-padding tokens; with `whole_word` every piece of a chosen word 
 a random order while they fit the budget); with `span` SpanBERT-style spans of whole words with
 geometric lengths (mean `span_mean` words, at most `span_max`). Each chosen position becomes [MASK]
 with probability `mask`, a random non-special token with probability `random`, and stays with `keep`.
+
+Chinese words are not a property of the vocabulary (each character is a piece, and which characters
+form a word depends on its neighbours), so with `whole_word` or `span` the runs of Chinese characters
+in each row are segmented into words by jieba (its dictionary, without HMM guesses), as HF's
+run_mlm_wwm does with a segmenter: all the characters of a word are masked together. The
+segmentation is a function of the row's ids, so masks stay a pure function of (seed, epoch, index).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import logging
 
 import numpy as np
+
+from bertjax.data import tokenizer as tokenizer_lib
 
 EVAL_SEED = 20181011  # the day BERT appeared on arXiv; any fixed number would do
 _STREAM_SELECT, _STREAM_ACTION, _STREAM_REPLACEMENT, _STREAM_SPAN = 1, 2, 3, 4
@@ -96,6 +106,13 @@ class Masker:
         self.is_special = np.asarray(tokenizer.is_special, np.bool_)
         self.word_start = np.asarray(tokenizer.word_start, np.bool_)
         self.replacement_ids = np.flatnonzero(~self.is_special).astype(np.int32)
+        # Chinese characters (the piece's character, '' for other pieces), when words are masked whole.
+        pieces = getattr(tokenizer, "pieces", None) if (spec.whole_word or spec.span) else None
+        characters = [_ideograph(piece) for piece in pieces] if pieces is not None else []
+        self.characters = characters if any(characters) else None
+        if self.characters is not None:
+            self.is_ideograph = np.array([bool(c) for c in characters], np.bool_)
+            self.is_cjk = np.asarray(tokenizer.is_cjk, np.bool_) | self.is_ideograph
 
     def __call__(self, input_ids: np.ndarray, epoch: np.ndarray, example: np.ndarray) -> dict[str, np.ndarray]:
         """Masked `input_ids` and the targets: masked_positions, masked_ids, masked_weights (int32 [B, P])."""
@@ -108,6 +125,8 @@ class Masker:
         # A word starts at a word-start piece, or wherever the previous position is not a candidate.
         previous_candidate = np.concatenate([np.zeros((batch, 1), np.bool_), candidate[:, :-1]], axis=1)
         starts = candidate & (self.word_start[input_ids] | ~previous_candidate if (spec.whole_word or spec.span) else True)
+        if self.characters is not None:
+            starts = self._chinese_words(input_ids, candidate, starts)
         word_first = np.maximum.accumulate(np.where(starts, position, 0), axis=1)
         select = uniform(spec.seed, epoch, example, _STREAM_SELECT, length)
         if spec.span:
@@ -131,6 +150,20 @@ class Masker:
             masked_ids=np.where(weights, np.take_along_axis(input_ids, order, axis=1), 0).astype(np.int32),
             masked_weights=weights.astype(np.int32),
         )
+
+    def _chinese_words(self, input_ids, candidate, starts):
+        """`starts` where each run of Chinese characters starts a word only where jieba starts one,
+        and a piece right after a CJK piece starts a word (no space separates them)."""
+        chinese = candidate & self.is_ideograph[input_ids]
+        after_cjk = np.concatenate([np.zeros((len(input_ids), 1), np.bool_), self.is_cjk[input_ids[:, :-1]]], axis=1)
+        starts = starts | (candidate & after_cjk)
+        for row in np.flatnonzero(chinese.any(1)):
+            positions = np.flatnonzero(chinese[row])
+            ids = input_ids[row].tolist()
+            for run in np.split(positions, np.flatnonzero(np.diff(positions) != 1) + 1):
+                starts[row, run] = False
+                starts[row, run[list(chinese_word_starts("".join(self.characters[ids[k]] for k in run.tolist())))]] = True
+        return starts
 
     @staticmethod
     def _words(select, starts, candidate, word_first, budget):
@@ -189,3 +222,29 @@ class Masker:
                 if count == row_budget:
                     break
         return chosen
+
+
+def _ideograph(piece: str) -> str:
+    """The CJK ideograph a piece is ('貓', or '▁貓' from tokenizers that split text per ideograph), else ''."""
+    piece = piece.removeprefix("\u2581")
+    return piece if len(piece) == 1 and tokenizer_lib.CJK_IDEOGRAPH.match(piece) else ""
+
+
+@functools.cache
+def _jieba():
+    import jieba
+
+    jieba.setLogLevel(logging.WARNING)  # not "Building prefix dict..." on stderr at every start
+    segmenter = jieba.Tokenizer()
+    segmenter.initialize()
+    return segmenter
+
+
+@functools.lru_cache(maxsize=1 << 16)  # an instance's text recurs every epoch
+def chinese_word_starts(text: str) -> tuple[int, ...]:
+    """Offsets in `text` (Chinese characters only) where jieba's words start."""
+    offsets, position = [], 0
+    for word in _jieba().cut(text, HMM=False):
+        offsets.append(position)
+        position += len(word)
+    return tuple(offsets)

@@ -4,10 +4,17 @@ Both kinds share one interface (`Tokenizer`): `encode`, `encode_batch` (pairs be
 `[CLS] A [SEP] B [SEP]`), `decode`, the special token ids and `word_start` (which pieces begin a
 word, for whole-word masking). Special ids are read from the vocabulary, never assumed.
 
-Sentencepiece models trained by `train` have [PAD]=0 [UNK]=1 [CLS]=2 [SEP]=3 [MASK]=4 and byte
-fallback, so no input is unrepresentable. Chinese, Japanese and Korean ideographs are split into
-words of one character before sentencepiece sees them, as BERT's BasicTokenizer does, so the
-characters become pieces of their own (what users of bert-base-chinese expect).
+Tokenizers trained by `train` have [PAD]=0 [UNK]=1 [CLS]=2 [SEP]=3 [MASK]=4. Sentencepiece ones
+(unigram, BPE) have byte fallback, so no input is unrepresentable; `wordpiece` writes a BERT
+`vocab.txt` that transformers' BertTokenizer reads as this module does.
+
+Chinese, as bert-base-chinese has it: every CJK ideograph (traditional or simplified) and CJK
+punctuation mark of the training text is a piece of its own (a sentencepiece user-defined symbol, so
+it is never merged with a neighbour nor left to byte fallback), and the word-boundary piece `▁`
+that sentencepiece puts before it (text start, a space) is dropped: '貓追狗' is three pieces. Each
+such piece starts a word, as in BERT's BasicTokenizer; which characters make a Chinese word is
+context, not vocabulary (whole-word masking asks a segmenter: bertjax.data.masking). A vocabulary
+too small to hold every character is refused with the size to ask for.
 """
 
 from __future__ import annotations
@@ -16,10 +23,12 @@ import hashlib
 import json
 import logging
 import os
+import collections
 import pathlib
 import re
 import shutil
 import tempfile
+import unicodedata
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -29,15 +38,25 @@ import tqdm
 from bertjax.errors import UserError
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
-MODEL_TYPES = ("unigram", "bpe")
+SENTENCEPIECE_TYPES = ("unigram", "bpe")
+MODEL_TYPES = (*SENTENCEPIECE_TYPES, "wordpiece")
+BYTE_PIECES = 256
 # Byte fallback takes 256 pieces and the special tokens 5; fewer leaves no room for real pieces.
 MIN_VOCAB_SIZE = 320
 SENTENCEPIECE_FILE = "tokenizer.model"
+WORDPIECE_FILE = "vocab.txt"
+# Part of the cache key of tokenizers trained for a config: a change in how they are trained retrains them.
+TRAINING_VERSION = 2
 
 # BERT's _is_chinese_char blocks (CJK Unified Ideographs and their extensions, compatibility ideographs).
 _CJK = "\u4e00-\u9fff\u3400-\u4dbf\uf900-\ufaff\U00020000-\U0002a6df\U0002a700-\U0002ceaf\U0002f800-\U0002fa1f"
+# CJK Symbols and Punctuation (、。「」《》【】...), less the ideographic space (NFKC makes it a space).
+_CJK_PUNCTUATION = "\u3001-\u303f"
 _CJK_CHAR = re.compile(f"([{_CJK}])")
-_SPACE_BETWEEN_CJK = re.compile(f"(?<=[{_CJK}]) (?=[{_CJK}])")
+CJK_IDEOGRAPH = re.compile(f"[{_CJK}]")
+_CJK_PIECE = re.compile(f"[{_CJK}{_CJK_PUNCTUATION}]")
+# The byte pieces that start a character of U+3000-U+9FFF: how a CJK character the training text lacked begins.
+_CJK_LEAD_BYTES = {f"<0x{byte:02X}>" for byte in range(0xE3, 0xEA)}
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +72,13 @@ def _check_special_tokens(path, pieces) -> None:
 
 
 def split_cjk(text: str) -> str:
-    """Surround every CJK ideograph with spaces so each becomes a word of its own."""
+    """Surround every CJK ideograph with spaces (how tokenizers trained before TRAINING_VERSION 2 saw text)."""
     return _CJK_CHAR.sub(r" \1 ", text)
+
+
+def is_cjk_piece(piece: str) -> bool:
+    """One CJK ideograph or CJK punctuation mark: a piece that is a word of its own."""
+    return len(piece) == 1 and _CJK_PIECE.match(piece) is not None
 
 
 class Tokenizer:
@@ -72,7 +96,8 @@ class Tokenizer:
         self.special_ids = tuple(sorted({index[t] for t in SPECIAL_TOKENS} | set(self._extra_special_ids())))
         self.is_special = np.zeros(len(pieces), np.bool_)
         self.is_special[list(self.special_ids)] = True
-        self.word_start = np.array([self._starts_word(piece) for piece in pieces], np.bool_) | self.is_special
+        self.is_cjk = np.array([is_cjk_piece(piece) for piece in pieces], np.bool_)
+        self.word_start = np.array([self._starts_word(piece) for piece in pieces], np.bool_) | self.is_special | self.is_cjk
 
     @property
     def vocab_size(self) -> int:
@@ -181,6 +206,21 @@ class SentencePieceTokenizer(Tokenizer):
     def __init__(self, path: str):
         self.processor = spm.SentencePieceProcessor(model_file=str(path))
         super().__init__(path, [self.processor.id_to_piece(i) for i in range(self.processor.get_piece_size())])
+        space = self.processor.piece_to_id("\u2581")
+        self.space_id = space if self.pieces[space] == "\u2581" else -1
+        # Models trained on text with spaces around each ideograph learned '▁貓' pieces: give them such text.
+        self.splits_cjk = any(len(p) == 2 and p[0] == "\u2581" and CJK_IDEOGRAPH.match(p[1]) for p in self.pieces)
+        # A CJK character in bytes is a word too, and needs no '▁' before it either.
+        cjk_bytes = np.array([piece in _CJK_LEAD_BYTES for piece in self.pieces], np.bool_)
+        self.word_start |= cjk_bytes
+        self._no_space_before = self.is_cjk | cjk_bytes
+
+    def kept_positions(self, ids: Sequence[int]) -> list[int]:
+        """Positions of `ids` that stay: all but a stand-alone '▁' before a CJK character (it marks no word)."""
+        if self.space_id not in ids:
+            return list(range(len(ids)))
+        last = len(ids) - 1
+        return [k for k, i in enumerate(ids) if not (i == self.space_id and k < last and self._no_space_before[ids[k + 1]])]
 
     def _extra_special_ids(self):
         return (i for i in range(self.processor.get_piece_size()) if self.processor.is_control(i))
@@ -189,11 +229,14 @@ class SentencePieceTokenizer(Tokenizer):
         return piece.startswith("\u2581")
 
     def _encode_many(self, texts):
-        return self.processor.encode([split_cjk(text) for text in texts], num_threads=min(os.cpu_count() or 1, 8))
+        if self.splits_cjk:
+            texts = [split_cjk(text) for text in texts]
+        rows = self.processor.encode(list(texts), num_threads=min(os.cpu_count() or 1, 8))
+        return [[row[k] for k in self.kept_positions(row)] for row in rows]
 
     def decode(self, ids) -> str:
-        ids = [int(i) for i in ids if int(i) != self.pad_id]
-        return _SPACE_BETWEEN_CJK.sub("", self.processor.decode(ids))
+        text = self.processor.decode([int(i) for i in ids if int(i) != self.pad_id])
+        return re.sub(f"(?<=[{_CJK}]) (?=[{_CJK}])", "", text) if self.splits_cjk else text
 
     def _files(self):
         path = pathlib.Path(self.path)
@@ -267,28 +310,61 @@ def load(path) -> Tokenizer:
 def train_from_sentences(
     sentences: Iterable[str], vocab_size: int, out_dir, model_type: str = "unigram", description: str = "tokenizer input"
 ) -> str:
-    """Train a sentencepiece model with BERT's special tokens on `sentences`; returns the model path."""
+    """Train a tokenizer with BERT's special tokens on `sentences`; returns the path `load` accepts
+    (OUT_DIR/tokenizer.model, or OUT_DIR/vocab.txt for `wordpiece`)."""
     if model_type not in MODEL_TYPES:
         raise TokenizerError(f"model_type={model_type!r}: choose one of {MODEL_TYPES}")
     if vocab_size < MIN_VOCAB_SIZE:
         raise TokenizerError(f"vocab_size={vocab_size} is too small: byte fallback and special tokens need at least {MIN_VOCAB_SIZE}")
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    # Write the (CJK-split) text to a file first: it lets us count it, fail clearly on empty input,
-    # and hand sentencepiece a plain file (its iterator interface stalls on long generators).
+    # Write the text to a file first: it lets us count it and its characters, fail clearly on empty
+    # input, and hand the trainer a plain file (sentencepiece's iterator interface stalls on long generators).
     with tempfile.TemporaryDirectory() as scratch:
         text_file = pathlib.Path(scratch) / "input.txt"
-        count = 0
-        with open(text_file, "w", encoding="utf-8") as out:
-            for sentence in tqdm.tqdm(sentences, desc=f"reading {description}", unit=" sentences", mininterval=2):
-                sentence = split_cjk(sentence.replace("\n", " ")).strip()
-                if sentence:
-                    out.write(sentence + "\n")
-                    count += 1
+        count, cjk, other_chars = _write_text(sentences, text_file, description)
         if count == 0:
             raise TokenizerError(f"no text to train a tokenizer on in {description}")
-        log.info("training a %s tokenizer of %d pieces on %d sentences of %s", model_type, vocab_size, count, description)
-        spm.set_random_generator_seed(0)
+        reserved = len(SPECIAL_TOKENS) + (0 if model_type == "wordpiece" else BYTE_PIECES)
+        too_small = TokenizerError(
+            f"{description} has {len(cjk)} distinct CJK characters and each needs a piece of its own (plus {reserved} "
+            f"special and byte pieces and {other_chars} other characters): set model.vocab_size (or --vocab-size) to at least "
+            f"{-(-(reserved + len(cjk) + other_chars) // 128) * 128}, not {vocab_size}"
+        )
+        if vocab_size < reserved + len(cjk):
+            raise too_small
+        log.info("training a %s tokenizer of %d pieces on %d sentences of %s (%d CJK characters)", model_type, vocab_size, count, description, len(cjk))
+        # Frequent characters first: their ids are then stable across corpora of the same language.
+        characters = [char for char, _ in sorted(cjk.items(), key=lambda item: (-item[1], item[0]))]
+        if model_type == "wordpiece":
+            path = _train_wordpiece(text_file, vocab_size, out_dir, characters)
+        else:
+            path = _train_sentencepiece(text_file, vocab_size, out_dir, model_type, characters, too_small)
+    trained = load(path)
+    if trained.vocab_size < vocab_size:
+        log.warning("%s supports only %d pieces (asked for %d)", description, trained.vocab_size, vocab_size)
+    return str(path)
+
+
+def _write_text(sentences: Iterable[str], text_file: pathlib.Path, description: str) -> tuple[int, collections.Counter, int]:
+    """Write one sentence a line; returns the count, the CJK characters' counts (as the trainer
+    normalises them: NFKC) and the number of other distinct characters."""
+    count, cjk, chars = 0, collections.Counter(), set()
+    with open(text_file, "w", encoding="utf-8") as out:
+        for sentence in tqdm.tqdm(sentences, desc=f"reading {description}", unit=" sentences", mininterval=2):
+            sentence = sentence.replace("\n", " ").strip()
+            if sentence:
+                out.write(sentence + "\n")
+                count += 1
+                normal = unicodedata.normalize("NFKC", sentence)
+                cjk.update(_CJK_PIECE.findall(normal))
+                chars.update(normal)
+    return count, cjk, len(chars - set(cjk) - {" "})
+
+
+def _train_sentencepiece(text_file, vocab_size: int, out_dir: pathlib.Path, model_type: str, characters: list[str], too_small: TokenizerError) -> pathlib.Path:
+    spm.set_random_generator_seed(0)
+    try:
         spm.SentencePieceTrainer.train(
             input=str(text_file),
             model_prefix=str(out_dir / pathlib.Path(SENTENCEPIECE_FILE).stem),
@@ -300,8 +376,9 @@ def train_from_sentences(
             eos_id=-1,
             pad_piece="[PAD]",
             unk_piece="[UNK]",
-            # User-defined (not control) symbols, so "[MASK]" typed in text is the mask token, as in BERT.
-            user_defined_symbols=["[CLS]", "[SEP]", "[MASK]"],
+            # User-defined (not control) symbols, so "[MASK]" typed in text is the mask token, as in BERT;
+            # and every CJK character, so each is one piece in any context, never bytes.
+            user_defined_symbols=["[CLS]", "[SEP]", "[MASK]", *characters],
             byte_fallback=True,
             character_coverage=0.9995,
             # A small corpus may not support the requested size: take what it supports, don't fail.
@@ -312,11 +389,32 @@ def train_from_sentences(
             num_threads=os.cpu_count() or 1,
             minloglevel=2,
         )
-    path = out_dir / SENTENCEPIECE_FILE
-    trained = load(path)
-    if trained.vocab_size < vocab_size:
-        log.warning("%s supports only %d pieces (asked for %d)", description, trained.vocab_size, vocab_size)
-    return str(path)
+    except RuntimeError as error:
+        if "required_chars" in str(error):  # "Vocabulary size is smaller than required_chars. N vs M."
+            raise too_small from None
+        raise
+    return out_dir / SENTENCEPIECE_FILE
+
+
+def _train_wordpiece(text_file, vocab_size: int, out_dir: pathlib.Path, characters: list[str]) -> pathlib.Path:
+    """BERT's vocabulary type with BERT's normaliser (lower case, accents stripped, CJK split per
+    character) through HuggingFace `tokenizers`; every CJK character is in the alphabet."""
+    import tokenizers
+
+    backend = tokenizers.BertWordPieceTokenizer(lowercase=True)
+    backend.train(
+        [str(text_file)],
+        vocab_size=vocab_size,
+        min_frequency=2,
+        initial_alphabet=characters,
+        limit_alphabet=len(characters) + 1000,
+        special_tokens=list(SPECIAL_TOKENS),
+        show_progress=False,
+    )
+    backend.save_model(str(out_dir))
+    # What transformers' BertTokenizer.from_pretrained(out_dir) and `load` read to lower-case as trained.
+    (out_dir / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "BertTokenizer", "do_lower_case": True}) + "\n")
+    return out_dir / WORDPIECE_FILE
 
 
 def train(inputs: list[str], vocab_size: int, out_dir: str, model_type: str = "unigram") -> str:
@@ -342,9 +440,10 @@ def for_config(config) -> Tokenizer:
         tok = load(data.tokenizer)
     else:
         source = corpus.Corpus.from_config(config)
-        key = hashlib.sha256(json.dumps([source.fingerprint(), config.model.vocab_size, data.tokenizer_type]).encode()).hexdigest()[:16]
+        key = [source.fingerprint(), config.model.vocab_size, data.tokenizer_type, TRAINING_VERSION]
+        key = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
         directory = corpus.cache_root(config) / "tokenizers" / key
-        path = directory / SENTENCEPIECE_FILE
+        path = directory / (WORDPIECE_FILE if data.tokenizer_type == "wordpiece" else SENTENCEPIECE_FILE)
         if path.exists():
             log.info("reusing the tokenizer trained on %s: %s", source.description, path)
         else:
