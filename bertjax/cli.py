@@ -9,6 +9,7 @@
   bertjax sweep      --config configs/ablations/FILE.py --workdir runs/s [--print-commands]
   bertjax sweep      collect runs/s
   bertjax plot       runs/x
+  bertjax embryology --workdir runs/x[,runs/y...] [--out DIR] [--watch] [--config.KEY=VALUE ...]
 
 `bertjax VERB --help` explains a verb's flags. A bad input is one line on stderr and exit status 1
 (2 for bad usage); add --verbose (or set BERTJAX_VERBOSE=1) for the traceback. Configs are ml_collections ConfigDicts chosen as
@@ -318,6 +319,40 @@ def plot(argv):
     print(sweep_lib.plot_run(_existing(args.workdir, "plot")))
 
 
+EMBRYOLOGY_CONFIG = str(config_lib.REPO_ROOT / "configs" / "embryology.py")
+EMBRYOLOGY_DOC = """bertjax embryology: probe every kept checkpoint of one or more pretraining runs (Chiang et al., 2020).
+
+  bertjax embryology --workdir runs/mini                                # -> runs/mini/embryology
+  bertjax embryology --workdir runs/a,runs/b --out runs/cmp             # several runs, overlaid
+  bertjax embryology --workdir runs/mini:100,runs/mini:1000 --out DIR   # chosen steps; HF directories too
+  bertjax embryology --workdir runs/mini --watch                        # follow a run while it trains
+
+Writes OUT/embryology.csv, OUT/embryology.md and PNG plots; results are cached per (run, step,
+measure) in OUT/cache, so a re-run computes only what is missing. Measures and sizes: configs/embryology.py."""
+
+
+def embryology(argv):
+    def define(flag_values):
+        flags.DEFINE_string("workdir", None, "Comma-separated sources: WORKDIR (every kept checkpoint + step 0), WORKDIR:STEP, HF_DIR.", flag_values=flag_values)
+        flags.DEFINE_string("out", None, "Output directory (default: WORKDIR/embryology for a single workdir).", flag_values=flag_values)
+        flags.DEFINE_bool("watch", False, "Keep polling for new checkpoints until the run has finished.", flag_values=flag_values)
+
+    config, flag_values, _, _ = _parse_config_flags("embryology", argv, EMBRYOLOGY_CONFIG, define, EMBRYOLOGY_DOC)
+    sources = [source.strip() for source in (flag_values.workdir or "").split(",") if source.strip()]
+    if not sources:
+        raise UsageError("--workdir is required (see bertjax embryology --help)")
+    sources = [config_lib.resolve_path("init_from", source) for source in sources]
+    if flag_values.out:
+        out = _path(flag_values.out)
+    elif len(sources) == 1 and not sources[0].rpartition(":")[2].isdigit():
+        out = os.path.join(sources[0], "embryology")
+    else:
+        raise UsageError("--out is required when studying several sources (see bertjax embryology --help)")
+    from bertjax.embryology import study
+
+    print(study.run(config, sources, out, watch=flag_values.watch))
+
+
 VERBS = {
     "pretrain": pretrain,
     "finetune": finetune,
@@ -327,6 +362,7 @@ VERBS = {
     "convert": convert,
     "sweep": sweep,
     "plot": plot,
+    "embryology": embryology,
 }
 
 
@@ -349,6 +385,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     # Orbax reports every phase of every save at INFO through absl; our own progress lines say enough.
     logging.getLogger("absl").setLevel(logging.WARNING)
+    # JAX says at INFO that it found no TPU on every machine without one.
+    logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
     try:
         verb(argv[1:])
     except errors.UserError as error:

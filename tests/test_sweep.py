@@ -2,9 +2,11 @@
 
 import json
 import pathlib
+import shlex
 
 import pytest
 
+from bertjax import cli
 from bertjax import config as config_lib
 from bertjax import sweep
 from bertjax.errors import UserError
@@ -83,6 +85,32 @@ def test_plan_user_overrides_apply_to_all_arms_but_arm_keys_win(tmp_path):
         assert f"--config.init_from={p.workdir / 'pretrain'}" in p.finetune
         assert "--config.train.total_steps=500" in p.finetune and "--config.data.max_seq_length=64" in p.finetune
         assert "--config.seeds=3" in p.finetune
+
+
+def test_printed_commands_run_from_any_directory_and_collect_finds_their_arms(tmp_path, monkeypatch, capsys):
+    """Relative paths (the workdir, overrides, a config file's defaults under a relative $BERTJAX_SHARED_DATA) come out absolute."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("BERTJAX_SHARED_DATA", "shared")
+    (tmp_path / "two_arms.py").write_text(SWEEP_FILE.format(task="configs/finetune.py:sst2"))
+    argv = ["sweep", "--config", "two_arms.py", "--workdir", "runs", "--print-commands", "--config.data.tokenizer=tok/sp.model", "--config.train.total_steps=7"]
+    assert cli.main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 4
+    for line, arm in zip(lines, ["nsp-seed0", "nsp-seed1", "sop-seed0", "sop-seed1"]):
+        pretrain, touch, finetune = (shlex.split(command) for command in line.split(" && "))
+        assert pretrain[pretrain.index("--config") + 1] == f"{tmp_path}/two_arms.py"
+        assert pretrain[pretrain.index("--workdir") + 1] == f"{tmp_path}/runs/{arm}/pretrain"
+        assert f"--config.data.corpus={tmp_path}/shared/corpus/*.txt" in pretrain
+        assert f"--config.data.tokenizer={tmp_path}/tok/sp.model" in pretrain and "--config.data.tokenizer=tok/sp.model" not in pretrain
+        assert "--config.train.total_steps=7" in pretrain
+        assert touch == ["touch", f"{tmp_path}/runs/{arm}/{sweep.PRETRAIN_DONE}"]
+        assert finetune[finetune.index("--config") + 1] == f"{config_lib.REPO_ROOT}/configs/finetune.py:sst2"
+        assert finetune[finetune.index("--workdir") + 1] == f"{tmp_path}/runs/{arm}/finetune"
+        assert f"--config.init_from={tmp_path}/runs/{arm}/pretrain" in finetune
+        assert f"--config.data.train={tmp_path}/shared/glue/SST-2/train.tsv" in finetune
+        assert f"--config.data.dev={tmp_path}/shared/glue/SST-2/dev.tsv" in finetune
+    assert cli.main(["sweep", "collect", "runs"]) == 0
+    assert "| unfinished: nsp-seed0, nsp-seed1 |" in (tmp_path / "runs" / "results.md").read_text()
 
 
 def fake_finished_run(run_dir: pathlib.Path, losses, extra=None, results=None):

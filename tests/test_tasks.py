@@ -34,7 +34,7 @@ def test_glue_tsv_real_files(shared_data):
 
 def test_tsv_pairs_and_malformed_row(tmp_path):
     path = write(tmp_path, "mnli.tsv", "index\tsentence1\tsentence2\tgold_label\n0\tA man.\tA person.\tentailment\n1\tonly two\tfields\n")
-    with pytest.raises(tasks.TaskDataError, match=r"mnli.tsv:3: 3 tab-separated field\(s\), but the configured columns .* need at least 4"):
+    with pytest.raises(tasks.TaskDataError, match=r"mnli.tsv:3: 3 tab-separated field\(s\), but data.text_a='sentence1', data.text_b='sentence2', data.label='gold_label' need at least 4"):
         tasks.read_tsv(path, "sentence1", "sentence2", "gold_label")
     path = write(tmp_path, "ok.tsv", "index\tsentence1\tsentence2\tgold_label\n0\tA man.\tA person.\tentailment\n")
     (example,) = tasks.read_tsv(path, "sentence1", "sentence2", "gold_label")
@@ -45,8 +45,18 @@ def test_tsv_pairs_and_malformed_row(tmp_path):
         f"{path}:1: no column 'sentence' (config data.text_a); the header line has ['index', 'sentence1', 'sentence2', 'gold_label']: "
         "set --config.data.text_a to one of them, or, if that line is data, --config.data.header=false and column indices"
     )
-    with pytest.raises(tasks.TaskDataError, match=r"column 'gold_label' \(config data.label\) is a name but data.header=false"):
+    with pytest.raises(tasks.TaskDataError) as error:
         tasks.read_tsv(path, 1, None, "gold_label", header=False)
+    assert str(error.value) == (
+        f"{path}: column 'gold_label' (config data.label) is a name but data.header=false; give a 0-based column index "
+        "(line 1 has 4 fields: 'index\\tsentence1\\tsentence2\\tgold_label')"
+    )
+    with pytest.raises(tasks.TaskDataError) as error:
+        tasks.read_tsv(path, 3, None, 5, header=False)
+    assert str(error.value) == (
+        f"{path}:1: 4 tab-separated field(s), but data.text_a=3, data.label=5 need at least 6: 'index\\tsentence1\\tsentence2\\tgold_label' "
+        "(if it is a header line, set --config.data.header=true and name the columns)"
+    )
 
 
 def test_text_files_are_repaired_or_refused(tmp_path, caplog):

@@ -97,13 +97,16 @@ def read_lines(path) -> list[str]:
     return lines[:-1] if lines[-1] == "" else lines
 
 
-def _column_index(column, header: list[str] | None, path, key: str) -> int:
+def _column_index(column, header: list[str] | None, path, key: str, first_line: str) -> int:
     if isinstance(column, int):
         return column
     if isinstance(column, str) and column.lstrip("-").isdigit():
         return int(column)
     if header is None:
-        raise TaskDataError(f"{path}: column {column!r} (config data.{key}) is a name but data.header=false; give a 0-based column index")
+        raise TaskDataError(
+            f"{path}: column {column!r} (config data.{key}) is a name but data.header=false; give a 0-based column index "
+            f"(line 1 has {len(first_line.split(chr(9)))} fields: {first_line[:80]!r})"
+        )
     if column not in header:
         raise TaskDataError(
             f"{path}:1: no column {column!r} (config data.{key}); the header line has {header}: "
@@ -120,10 +123,11 @@ def read_tsv(path, text_a, text_b=None, label=None, header: bool = True) -> list
     path = pathlib.Path(path)
     lines = read_lines(path)
     header_fields = lines[0].split("\t") if header else None
-    columns = [_column_index(text_a, header_fields, path, "text_a")]
+    columns = [_column_index(text_a, header_fields, path, "text_a", lines[0])]
     if text_b not in (None, ""):
-        columns.append(_column_index(text_b, header_fields, path, "text_b"))
-    label_column = _column_index(label, header_fields, path, "label") if label not in (None, "") else None
+        columns.append(_column_index(text_b, header_fields, path, "text_b", lines[0]))
+    label_column = _column_index(label, header_fields, path, "label", lines[0]) if label not in (None, "") else None
+    configured = ", ".join(f"data.{key}={value!r}" for key, value in (("text_a", text_a), ("text_b", text_b), ("label", label)) if value not in (None, ""))
     needed = max(columns + ([label_column] if label_column is not None else [])) + 1
     examples = []
     for line_number, line in enumerate(lines[1:] if header else lines, start=2 if header else 1):
@@ -131,10 +135,8 @@ def read_tsv(path, text_a, text_b=None, label=None, header: bool = True) -> list
             continue
         fields = line.split("\t")
         if len(fields) < needed:
-            raise TaskDataError(
-                f"{path}:{line_number}: {len(fields)} tab-separated field(s), but the configured columns (data.text_a, data.text_b, data.label) "
-                f"need at least {needed}: {line[:80]!r}"
-            )
+            is_header = " (if it is a header line, set --config.data.header=true and name the columns)" if line_number == 1 else ""
+            raise TaskDataError(f"{path}:{line_number}: {len(fields)} tab-separated field(s), but {configured} need at least {needed}: {line[:80]!r}{is_header}")
         examples.append(
             TextExample(
                 texts=tuple(fields[column].strip() for column in columns),
@@ -527,7 +529,8 @@ def _piece_spans(tokenizer, words: Sequence[str]) -> list[list[tuple[int, int, i
         for word, proto in zip(words, processor.encode(list(words), return_type="proto")):
             # Sentencepiece offsets count UTF-8 bytes; map them to characters.
             char_at_byte = [index for index, char in enumerate(word) for _ in char.encode("utf-8")] + [len(word)]
-            spans.append([(piece.id, char_at_byte[piece.begin], char_at_byte[max(piece.end - 1, piece.begin)] + (piece.end > piece.begin)) for piece in proto.pieces])
+            pieces = [proto.pieces[k] for k in tokenizer.kept_positions([piece.id for piece in proto.pieces])]  # as `encode` gives them
+            spans.append([(piece.id, char_at_byte[piece.begin], char_at_byte[max(piece.end - 1, piece.begin)] + (piece.end > piece.begin)) for piece in pieces])
     elif backend is not None:
         for encoding in backend.encode_batch(list(words), add_special_tokens=False):
             spans.append([(piece, start, end) for piece, (start, end) in zip(encoding.ids, encoding.offsets)])
