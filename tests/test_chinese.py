@@ -134,3 +134,24 @@ def test_chinese_masks_are_a_pure_function_of_seed_epoch_and_example(tok, shared
     assert (other_epoch["masked_positions"] != first["masked_positions"]).any()
     spans = masking.Masker(masking.MaskingSpec(rate=0.2, max_predictions=15, span=True, seed=7), tok)(ids, np.ones(64, np.int64), example)
     assert spans["masked_weights"].sum() > 0.9 * first["masked_weights"].sum()
+
+
+def test_xquad_zh_features_have_a_piece_per_character_and_recover_the_answers(tok, shared_data):
+    from bertjax.data import tasks
+    from bertjax.eval import squad
+
+    examples = tasks.read_squad(shared_data / "squad-format/xquad.zh.json")[:40]
+    features = tasks.encode_squad(tok, examples, max_seq_length=128, doc_stride=48, max_query_length=32)
+    ids = features["input_ids"]
+    assert not ((ids[:, :-1] == tok.space_id) & tok.is_cjk[ids[:, 1:]]).any()
+    # A passage piece is one character (a Chinese one) or a Latin word or part of one.
+    offsets = features["offsets"][features["offsets"][:, :, 0] >= 0]
+    chinese = tok.is_cjk[ids[features["offsets"][:, :, 0] >= 0]]
+    assert (offsets[chinese, 1] - offsets[chinese, 0] == 1).all() and chinese.mean() > 0.8
+    shape = ids.shape
+    start_logits, end_logits = np.zeros(shape), np.zeros(shape)
+    rows = np.arange(shape[0])
+    start_logits[rows, features["start_position"]] = 10.0
+    end_logits[rows, features["end_position"]] = 10.0
+    predicted = squad.answers([e.context for e in examples], features["example_index"], features["offsets"], features["max_context"], start_logits, end_logits, max_answer_length=64)
+    assert sum(e.answers[0] == text for e, text in zip(examples, predicted)) >= 39
