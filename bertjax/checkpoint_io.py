@@ -53,7 +53,7 @@ from flax import traverse_util
 from bertjax import config as config_lib
 from bertjax import models
 from bertjax.convert import hf
-from bertjax.errors import UserError
+from bertjax.errors import MissingInputError, UserError
 
 CHECKPOINTS = "checkpoints"
 TOKENIZER = "tokenizer"
@@ -99,7 +99,7 @@ def check_shapes(expected, found: dict[str, list[int]], source: str) -> None:
 def read_metadata(directory, step: int) -> dict:
     path = pathlib.Path(directory) / str(step) / "metadata" / "metadata"
     if not path.exists():
-        raise FileNotFoundError(f"{path}: not a bertjax checkpoint (no metadata item)")
+        raise MissingInputError(f"{path}: not a bertjax checkpoint (no metadata item)")
     return json.loads(path.read_text())
 
 
@@ -237,7 +237,7 @@ def is_huggingface_dir(path) -> bool:
 def read_config(workdir) -> ml_collections.ConfigDict:
     path = pathlib.Path(workdir) / "config.json"
     if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist: {workdir} is not a bertjax workdir")
+        raise MissingInputError(f"{path} does not exist: {workdir} is not a bertjax workdir")
     return ml_collections.ConfigDict(json.loads(path.read_text()))
 
 
@@ -246,10 +246,10 @@ def _workdir_step(workdir: pathlib.Path, step: int | None) -> int:
     directory = workdir / CHECKPOINTS
     steps = _steps_on_disk(directory)
     if not steps:
-        raise FileNotFoundError(f"{directory}: no complete checkpoint")
+        raise MissingInputError(f"{directory}: no complete checkpoint")
     if step is not None:
         if step not in steps:
-            raise FileNotFoundError(f"{directory}: no checkpoint at step {step}; there are {sorted(steps)}")
+            raise MissingInputError(f"{directory}: no checkpoint at step {step}; there are {sorted(steps)}")
         verify(directory, step, LOADED_ITEMS)
         return step
     newest, rejected = newest_verified_step(directory, steps, LOADED_ITEMS)
@@ -328,7 +328,7 @@ def tokenizer_path(source: str) -> pathlib.Path:
         return path
     tokenizer_dir = path / TOKENIZER
     if not tokenizer_dir.exists():
-        raise FileNotFoundError(f"{tokenizer_dir} does not exist: the run did not save its tokenizer")
+        raise MissingInputError(f"{tokenizer_dir} does not exist: the run did not save its tokenizer")
     return tokenizer_dir
 
 

@@ -14,6 +14,10 @@ class UserError(Exception):
     """Bad input the user can fix; the message names the input and the fix, on one line."""
 
 
+class MissingInputError(UserError, FileNotFoundError):
+    """A file, directory or checkpoint step the user named is not there (still a FileNotFoundError to callers)."""
+
+
 # Exit statuses of `bertjax`: 0 done, 1 a user error (bad input, a failed arm), 2 bad usage
 # (unknown verb or flag), 130 interrupted by Ctrl-C.
 EXIT_ERROR = 1

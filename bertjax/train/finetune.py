@@ -35,7 +35,7 @@ import tqdm
 from flax import linen as nn
 from flax import traverse_util
 
-from bertjax import checkpoint_io, models
+from bertjax import checkpoint_io, errors, models
 from bertjax import config as config_lib
 from bertjax.data import tasks
 from bertjax.data import tokenizer as tokenizer_lib
@@ -557,7 +557,7 @@ def predict(workdir, lines: Iterable[str]) -> Iterator[str]:
     answer text (QA; input = question TAB passage)."""
     workdir = pathlib.Path(workdir).expanduser().absolute()
     if not (workdir / RESULTS_FILE).exists():
-        raise FileNotFoundError(f"{workdir / RESULTS_FILE} does not exist: {workdir} is not a finished fine-tuning run")
+        raise errors.MissingInputError(f"{workdir / RESULTS_FILE} does not exist: {workdir} is not a finished fine-tuning run")
     config = checkpoint_io.read_config(workdir)
     labels = tasks.Labels.load(workdir / LABELS_FILE) if (workdir / LABELS_FILE).exists() else None
     tokenizer = tokenizer_lib.load(workdir / checkpoint_io.TOKENIZER)
