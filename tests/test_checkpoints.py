@@ -130,3 +130,79 @@ def test_tokenizer_path_of_a_workdir(tmp_path):
     assert checkpoint_io.tokenizer_path(f"{tmp_path / 'run'}:100") == tmp_path / "run" / "tokenizer"
     with pytest.raises(FileNotFoundError, match="did not save its tokenizer"):
         checkpoint_io.tokenizer_path(str(tmp_path / "elsewhere"))
+
+
+def test_relative_paths_work_from_any_working_directory(tmp_path, monkeypatch):
+    """Sources as users type them: relative to the working directory, with or without :STEP."""
+    monkeypatch.chdir(tmp_path)
+    config = tiny_config()
+    model, params = random_params(config)
+    assert checkpoint_io.save_params("runs/pt", config, params) == tmp_path / "runs" / "pt"
+    (tmp_path / "runs" / "pt" / "tokenizer").mkdir()
+    for source in ("runs/pt", "runs/pt:0", "./runs/pt"):
+        _, loaded = checkpoint_io.load_params(source)
+        assert_trees_equal(params, loaded)
+    assert checkpoint_io.tokenizer_path("runs/pt:0") == tmp_path / "runs" / "pt" / "tokenizer"
+    assert [entry["step"] for entry in checkpoint_io.index("runs/pt")] == [0]
+    manager = checkpoints.Checkpoints("runs/pt", config.checkpoint, total_steps=10)
+    assert manager.directory == tmp_path / "runs" / "pt" / "checkpoints" and manager.latest_step() == 0
+    manager.close()
+    assert "wrote HuggingFace checkpoint" in checkpoint_io.convert("runs/pt:0", "hf")
+    assert "wrote bertjax workdir" in checkpoint_io.convert("hf", "back")
+    _, round_trip = checkpoint_io.load_params("back")
+    for x, y in zip(jax.tree.leaves(params), jax.tree.leaves(round_trip), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6)
+
+
+def flip(path, count=4096):
+    """Invert `count` bytes in the middle of a file (all of it if smaller): disk rot, a bad copy."""
+    data = bytearray(path.read_bytes())
+    start = max(0, len(data) // 2 - count // 2)
+    data[start : start + count] = bytes(byte ^ 0xFF for byte in data[start : start + count])
+    path.write_bytes(bytes(data))
+
+
+def largest_params_file(step_dir):
+    return max((path for path in (step_dir / "params").rglob("*") if path.is_file()), key=lambda path: path.stat().st_size)
+
+
+def test_every_item_file_is_checksummed_and_a_damaged_step_is_never_loaded(tmp_path):
+    config = tiny_config()
+    _, params = random_params(config)
+    _, newer = random_params(config, seed=1)
+    checkpoint_io.save_params(tmp_path / "run", config, params, step=1)
+    checkpoint_io.save_params(tmp_path / "run", config, newer, step=2)
+    step_dir = tmp_path / "run" / "checkpoints" / "2"
+    recorded = json.loads((step_dir / "checksums.json").read_text())["files"]
+    item_files = {str(path.relative_to(step_dir)) for path in step_dir.rglob("*") if path.is_file() and path.parent != step_dir}
+    assert set(recorded) == item_files and any(name.startswith("params/") for name in recorded) and "metadata/metadata" in recorded
+    assert checkpoint_io.verify(tmp_path / "run" / "checkpoints", 2) is True
+
+    damaged = largest_params_file(step_dir)
+    flip(damaged)
+    with pytest.raises(checkpoint_io.DamagedCheckpointError, match=f"^{damaged}: checksum mismatch: checkpoint step 2 is damaged, not loaded$"):
+        checkpoint_io.load_params(f"{tmp_path / 'run'}:2")
+    # The newest that verifies, with a line naming the damaged file.
+    _, loaded = checkpoint_io.load_params(str(tmp_path / "run"))
+    assert_trees_equal(params, loaded)
+
+
+def test_missing_checksums_are_unverified_but_a_checkpoint_from_before_checksums_loads(tmp_path, caplog):
+    config = tiny_config()
+    _, params = random_params(config)
+    checkpoint_io.save_params(tmp_path / "run", config, params, step=3)
+    step_dir = tmp_path / "run" / "checkpoints" / "3"
+    # The metadata says checksums were written, but they are gone: never trusted.
+    (step_dir / "checksums.json").unlink()
+    with pytest.raises(checkpoint_io.DamagedCheckpointError, match=r"checksums.json is missing although this checkpoint was saved with one"):
+        checkpoint_io.load_params(f"{tmp_path / 'run'}:3")
+    with pytest.raises(checkpoint_io.DamagedCheckpointError, match=r"no checkpoint verifies \(steps \[3\]"):
+        checkpoint_io.load_params(str(tmp_path / "run"))
+    # A checkpoint written before checksums existed (no such key in its metadata): loaded, with a warning.
+    metadata_path = step_dir / "metadata" / "metadata"
+    metadata = json.loads(metadata_path.read_text())
+    del metadata["checksums"]
+    metadata_path.write_text(json.dumps(metadata))
+    _, loaded = checkpoint_io.load_params(f"{tmp_path / 'run'}:3")
+    assert_trees_equal(params, loaded)
+    assert f"{step_dir}: saved before bertjax kept checksums; loading it unverified" in caplog.text
