@@ -1,5 +1,6 @@
 """Corpora: formats (BERT sentences, documents, Gutenberg paragraphs, WikiText), auto-detection, bad input, caching."""
 
+import json
 import logging
 
 import numpy as np
@@ -273,3 +274,91 @@ def test_tfds_text_dataset_by_name(tmp_path):
     assert source.documents() == [["First article.", "It has two sentences.", "And a second paragraph."], ["Second article here."]]
     with pytest.raises(corpus.CorpusError, match="no feature 'text'"):
         corpus.Corpus("tfds:bertjax_test_texts", tfds_data_dir=str(tmp_path)).documents()
+
+
+SPEAKERS = ("First Citizen", "Second Citizen", "MENENIUS", "All", "MARCIUS", "COMINIUS", "VOLUMNIA", "Messenger")
+
+
+def play_like(shared_data, path, size=1_000_000, seed=0):
+    """A play no reader was tuned for: speaker lines ("First Citizen:"), a blank line between speeches,
+    no Gutenberg markers, no headings. Its lines are the real novels' lines, shuffled into speeches."""
+    lines = [
+        line.strip()
+        for name in ("moby-dick.txt", "pride-and-prejudice.txt")
+        for line in corpus.read_text(shared_data / "corpus" / name).split("\n")
+        if len(line.strip()) > 20 and "gutenberg" not in line.lower()
+    ]
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(lines))
+    speeches, total, cursor = [], 0, 0
+    while total < size:
+        count = int(rng.integers(1, 9))
+        body = [lines[order[(cursor + k) % len(lines)]] for k in range(count)]
+        cursor += count
+        speeches.append(SPEAKERS[int(rng.integers(len(SPEAKERS)))] + ":\n" + "\n".join(body))
+        total += len(speeches[-1]) + 2
+    path.write_text("\n\n".join(speeches) + "\n")
+    return path
+
+
+def test_a_play_works_with_every_objective_and_the_default_config(shared_data, tmp_path, monkeypatch, caplog, capsys):
+    from bertjax import cli
+
+    play = play_like(shared_data, tmp_path / "play.txt")
+    text = corpus.read_text(play)
+    assert len(text) > 900_000 and corpus.detect_format(text) == "paragraphs"
+    (document,) = corpus.parse(text, "auto")  # no heading: one document, too few for NSP and the eval split
+    monkeypatch.setenv("BERTJAX_DATA_DIR", str(tmp_path / "cache"))
+    with caplog.at_level(logging.INFO):
+        for objective in ("nsp", "sop", "none"):
+            for split in ("train", "eval"):
+                argv = ["data", "stats", f"--config.data.corpus={play}", f"--config.data.sentence_objective={objective}", "--batches=2", f"--split={split}"]
+                assert cli.main(argv) == 0, capsys.readouterr().err
+                stats = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+                assert stats["batches"] == 2 and abs(stats["chosen_fraction"] - 0.15) < 0.03
+                if objective != "none":
+                    assert 0 < stats["sentence_label_1_fraction"] < 1
+    window = len(document) // 100
+    cut = [r.getMessage() for r in caplog.records if "pseudo-documents" in r.getMessage()]
+    assert len(cut) == 1  # prepared once, reused by every objective
+    assert f"has 1 document(s), too few for NSP and the eval split (it needs 50): cut 1 document(s) longer than {window} sentences" in cut[0]
+    assert f"now {-(-len(document) // window)} documents" in cut[0]
+
+
+def test_pseudo_documents_cut_only_when_too_few_and_keep_every_sentence(caplog):
+    sentences = [f"Sentence {i}." for i in range(1000)]
+    assert corpus.minimum_documents(0.02) == 50 and corpus.minimum_documents(0.5) == 4 and corpus.minimum_documents(0.0) == 2
+    with caplog.at_level(logging.WARNING):
+        pieces = corpus.pseudo_documents([sentences, ["A short one.", "Two."]], 50, "corpus 'x'")
+    assert len(pieces) == 101 and pieces[-1] == ["A short one.", "Two."]
+    assert [s for piece in pieces[:-1] for s in piece] == sentences and {len(p) for p in pieces[:-1]} == {10}
+    assert any("corpus 'x' has 2 document(s)" in r.getMessage() and "now 101 documents" in r.getMessage() for r in caplog.records)
+    enough = [sentences[i : i + 20] for i in range(0, 1000, 20)]
+    assert corpus.pseudo_documents(enough, 50, "y") is enough
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        short = [["One.", "Two."], ["Three."]]
+        assert corpus.pseudo_documents(short, 4, "corpus 'z'") == short  # nothing long enough to cut: said, not hidden
+    assert any("corpus 'z' has 2 document(s) of 3 sentences in all, fewer than the 4" in r.getMessage() for r in caplog.records)
+
+
+def test_tokenizer_and_model_vocabulary_sizes_that_disagree(tmp_path, monkeypatch, caplog, capsys):
+    from bertjax import cli
+
+    text_file = write_corpus(tmp_path / "corpus.txt", documents=60)
+    model = tokenizer_lib.train([str(text_file)], 400, str(tmp_path / "tok"))
+    size = tokenizer_lib.load(model).vocab_size
+    monkeypatch.setenv("BERTJAX_DATA_DIR", str(tmp_path / "cache"))
+    argv = ["data", "stats", f"--config.data.corpus={text_file}", f"--config.data.tokenizer={model}", "--batches=1", "--config.data.eval_fraction=0.1"]
+    assert cli.main([*argv, f"--config.model.vocab_size={size - 10}"]) == 1
+    stderr = capsys.readouterr().err
+    error = stderr.strip().splitlines()[-1]
+    assert error.startswith("bertjax data: tokenizer "), error
+    assert f"has {size} pieces but config.model.vocab_size={size - 10}" in error and f"--config.model.vocab_size={size}" in error
+    assert "Traceback" not in stderr
+    with caplog.at_level(logging.WARNING):
+        assert cli.main([*argv, f"--config.model.vocab_size={size + 100}"]) == 0
+    assert any(
+        f"has {size} pieces but config.model.vocab_size={size + 100}: 100 embedding rows are never used" in r.getMessage()
+        for r in caplog.records
+    )

@@ -108,7 +108,7 @@ def test_short_documents_and_long_sentences_are_reported_not_lost_silently():
     for start, length in zip(np.concatenate([instances.a_start, instances.b_start]), np.concatenate([instances.a_length, instances.b_length])):
         covered[start : start + length] = True
     assert covered[long_start : long_start + 300].mean() > 0.5
-    with pytest.raises(ValueError, match="single sentence"):
+    with pytest.raises(corpus.CorpusError, match="^no pretraining instance in this split: 4 documents, 4 of them with a single sentence"):
         pretraining.create_instances(synthetic_documents(4, single_sentence_documents=4), 64, 0.0, "sop", seed=0)
 
 
@@ -153,8 +153,8 @@ def test_assemble_lays_out_cls_a_sep_b_sep_and_padding():
 
 
 def test_nsp_on_one_document_is_an_error_not_a_one_label_split():
-    with pytest.raises(ValueError, match="at least two documents"):
-        pretraining.create_instances(synthetic_documents(1), 64, 0.0, "nsp", seed=0)
+    with pytest.raises(corpus.CorpusError, match="needs at least two documents .* but the eval split of 'play.txt' has 1: give a larger"):
+        pretraining.create_instances(synthetic_documents(1), 64, 0.0, "nsp", seed=0, name="the eval split of 'play.txt'")
     instances, _ = pretraining.create_instances(synthetic_documents(1), 64, 0.0, "sop", seed=0)
     assert len(instances) >= 1, "SOP pairs come from within a document: one is enough"
 
