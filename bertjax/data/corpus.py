@@ -190,20 +190,6 @@ def _blank(line: str) -> bool:
     return not line or line.isspace()
 
 
-def _lines(text: str, start: int = 0, end: int | None = None) -> Iterator[str]:
-    """The lines of text[start:end], one at a time: a large file is never held as a list of its lines."""
-    end = len(text) if end is None else end
-    while start < end:
-        stop = text.find("\n", start, end)
-        stop = end if stop < 0 else stop
-        yield text[start:stop]
-        start = stop + 1
-
-
-def _blank(line: str) -> bool:
-    return not line or line.isspace()
-
-
 def _blocks(text: str, start: int = 0, end: int | None = None) -> Iterator[list[str]]:
     """Runs of non-blank lines of text[start:end]."""
     current: list[str] = []
