@@ -27,7 +27,9 @@ be cut short on disk; their hashes do not depend on how the arrays were sharded 
 hosts (a multi-host run's process 0 sees every process's files on the shared filesystem after
 orbax's barrier), they cover the data iterator and metadata items too, and a mismatch names the
 damaged file. The cost is one read of the checkpoint per save (in orbax's background thread, off the
-training loop) and one per restore (see README: about 1 s per GB).
+training loop) and one per restore (of the params and metadata items only for `load_params`); the
+README gives measured figures. Multi-host: process 0 hashes at save and verifies at resume (the
+others wait at a barrier); `load_params` verifies in every process that calls it.
 
 `verify` judges a step: checksums that match (loaded), a mismatch or a missing file (never loaded:
 `DamagedCheckpointError` names the file), checksums that should exist but do not (the metadata says
