@@ -15,6 +15,9 @@
 (2 for bad usage); add --verbose (or set BERTJAX_VERBOSE=1) for the traceback. Configs are ml_collections ConfigDicts chosen as
 `file.py:argument` and overridden key by key with `--config.a.b=value`; a key that does not
 exist is an error, never a silently new setting.
+
+Paths are resolved here, once: every path a user gives (--workdir, --input, --from/--to, and the config
+keys that name files, config.PATH_KEYS) is made absolute against the working directory before a verb runs.
 """
 
 from __future__ import annotations
@@ -103,6 +106,8 @@ def _parse_config_flags(verb: str, argv: list[str], default_config: str | None, 
     """
     argv, spec = _absolute_config(argv)
     spec = spec or default_config
+    if spec:
+        config_lib.load(spec)  # a config file that does not load is named here, in one line, before absl wraps the error
     overrides = [a for a in argv if a.startswith("--config.")]
     flag_values = flags.FlagValues()
     try:

@@ -400,15 +400,23 @@ def load_module(path: str):
     file = config_file(path)
     module_spec = importlib.util.spec_from_file_location(f"_bertjax_config_{file.stem}", file)
     module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
+    try:
+        module_spec.loader.exec_module(module)
+    except SyntaxError as error:
+        raise ConfigError(f"config file {file}:{error.lineno}: {error.msg} (a Python syntax error)") from error
     return module
 
 
 def load(spec: str) -> ml_collections.ConfigDict:
-    """Load `path/to/file.py[:arg]` by calling its get_config(arg)."""
+    """Load `path/to/file.py[:arg]` by calling its get_config(arg); a ValueError there (an unknown argument) is a ConfigError."""
     path, _, arg = spec.partition(":")
     module = load_module(path)
-    return module.get_config(arg) if arg else module.get_config()
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"config file {path} defines no get_config(): it is not a bertjax config")
+    try:
+        return module.get_config(arg) if arg else module.get_config()
+    except ValueError as error:
+        raise ConfigError(f"config {spec}: {error}") from error
 
 
 def to_json(config: ml_collections.ConfigDict) -> str:

@@ -290,15 +290,21 @@ def _run_arm(p: ArmPlan, index: int, count: int, runner) -> dict:
 
 
 def read_metrics(run_dir: str | pathlib.Path) -> list[dict]:
+    """The rows of a run's metrics.jsonl; a line that is not JSON (a run killed mid-write) is skipped, counted and logged."""
     path = pathlib.Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         return []
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
+    rows, bad = [], []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, start=1):
             line = line.strip()
             if line:
-                rows.append(json.loads(line))
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:
+                    bad.append(number)
+    if bad:
+        log.warning("%s: skipped %d line(s) that are not JSON (a run killed while writing?): line %s", path, len(bad), ", ".join(map(str, bad[:5])))
     return rows
 
 

@@ -144,7 +144,7 @@ def test_pair_regression_family_and_bad_inputs(shared_data, pretrained, tmp_path
     (tmp_path / "dev.tsv").write_text("text\tlabel\ngood\t1\nodd one\t7\n")
     config = tiny_config("sst2", shared_data, train=str(shared_data / "glue/SST-2/dev.tsv"), dev=str(tmp_path / "dev.tsv"))
     config.init_from = str(pretrained[0])
-    with pytest.raises(tasks.TaskDataError, match=r"dev.tsv:3: label '7' was not seen in training"):
+    with pytest.raises(tasks.TaskDataError, match=r"dev.tsv:3: label '7' does not occur in the training data \(data.train has \['0', '1'\]\)"):
         finetune.train_and_evaluate(config, tmp_path / "bad_label")
 
     # A tokenizer whose vocabulary does not match the checkpoint's.

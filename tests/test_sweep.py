@@ -196,6 +196,13 @@ def test_collect_aggregates_seeds_and_draws_plots(tmp_path):
     assert sweep.plot_run(root / "a-seed0" / "pretrain").endswith("curves.png")
 
 
+def test_metrics_with_a_line_cut_by_a_kill_are_read_and_the_line_counted(tmp_path, caplog):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 10, "loss": 5.0}\n{"step": 20, "loss": 4.0}\n{"step": 30, "lo')
+    with caplog.at_level("WARNING"):
+        assert sweep.read_metrics(tmp_path) == [{"step": 10, "loss": 5.0}, {"step": 20, "loss": 4.0}]
+    assert f"{tmp_path / 'metrics.jsonl'}: skipped 1 line(s) that are not JSON (a run killed while writing?): line 3" in caplog.text
+
+
 def test_collect_without_arms_says_so(tmp_path):
     with pytest.raises(UserError, match="no arms"):
         sweep.collect(tmp_path)

@@ -186,7 +186,10 @@ def test_squad_bad_json_names_line_and_column(tmp_path):
     path = write(tmp_path, "noq.json", '{"data": [{"paragraphs": [{"context": "x", "qas": [{"id": "a", "answers": []}]}]}]}')
     with pytest.raises(tasks.TaskDataError) as error:
         tasks.read_squad(path)
-    assert str(error.value).startswith(f"{path}: data[0].paragraphs[0] question 'a': not a SQuAD question (no key 'question')")
+    assert str(error.value).startswith(f"{path}: data[0].paragraphs[0] question 'a': not SQuAD (no key 'question'); articles hold 'paragraphs'")
+    path = write(tmp_path, "noctx.json", '{"data": [["not an article"]]}')
+    with pytest.raises(tasks.TaskDataError, match=r"noctx.json: data\[0\]: not SQuAD \('list' object has no attribute 'get'\)"):
+        tasks.read_squad(path)
 
 
 def test_encode_classification_pairs_and_regression(tokenizer):

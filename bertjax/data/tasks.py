@@ -242,10 +242,12 @@ def read_squad(path) -> list[QAExample]:
     if not isinstance(data, dict) or not isinstance(data.get("data"), list):
         raise TaskDataError(f'{path}: not a SQuAD file: expected {{"data": [{{"paragraphs": [{{"context": ..., "qas": [...]}}]}}]}}')
     examples, moved, missing = [], [], []
-    for article_number, article in enumerate(data["data"]):
-        for paragraph_number, paragraph in enumerate(article.get("paragraphs", [])):
-            where = f"{path}: data[{article_number}].paragraphs[{paragraph_number}]"
-            try:
+    where = f"{path}: data"
+    try:
+        for article_number, article in enumerate(data["data"]):
+            where = f"{path}: data[{article_number}]"
+            for paragraph_number, paragraph in enumerate(article.get("paragraphs", [])):
+                where = f"{path}: data[{article_number}].paragraphs[{paragraph_number}]"
                 context = paragraph["context"]
                 for qa in paragraph["qas"]:
                     where = f"{path}: data[{article_number}].paragraphs[{paragraph_number}] question {qa.get('id')!r}"
@@ -259,9 +261,11 @@ def read_squad(path) -> list[QAExample]:
                         texts.append(answer_text)
                         starts.append(answer_start)
                     examples.append(QAExample(str(qa["id"]), qa["question"], context, tuple(texts), tuple(starts), where))
-            except (KeyError, TypeError, ValueError, AttributeError) as error:
-                detail = f"no key {error}" if isinstance(error, KeyError) else str(error)
-                raise TaskDataError(f"{where}: not a SQuAD question ({detail}); each has 'id', 'question' and 'answers' [{{'text', 'answer_start'}}]") from None
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        detail = f"no key {error}" if isinstance(error, KeyError) else str(error)
+        raise TaskDataError(
+            f"{where}: not SQuAD ({detail}); articles hold 'paragraphs' of 'context' and 'qas', each with 'id', 'question' and 'answers' [{{'text', 'answer_start'}}]"
+        ) from None
     if moved:
         log.warning("%s: %d answers' answer_start did not point at their text: moved to the nearest occurrence of the text; first: %s", path, len(moved), moved[0])
     if missing:
@@ -329,6 +333,8 @@ def read(source: str, data_config, family: str, default_split: str) -> list:
             raise TaskDataError(f"config data.format={data_format!r}: choose one of {READERS}")
         if data_format in ("conll", "conllu") and not str(data_config.label).lstrip("-").isdigit():
             raise TaskDataError(f"config data.label={data_config.label!r}: for data.format={data_format} it is the tag column's index, e.g. -1 or 3")
+        if data_format == "conllu" and not -10 <= int(data_config.label) < 10:
+            raise TaskDataError(f"config data.label={data_config.label!r}: a CoNLL-U file has 10 columns (3 = UPOS, 4 = XPOS)")
         if data_format == "tsv":
             records = read_tsv(source, data_config.text_a, data_config.text_b, data_config.label, data_config.header)
         elif data_format == "conll":
