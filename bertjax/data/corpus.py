@@ -203,25 +203,26 @@ def _blocks(text: str, start: int = 0, end: int | None = None) -> Iterator[list[
         yield current
 
 
-def _cut(text: str, limit: int) -> list[str]:
+def _cut(text: str, limit: int) -> Iterator[str]:
     """`text` in pieces of at most `limit` characters, each cut at the last space in the second half of
-    its window (a hard cut where there is none, as in text written without spaces)."""
-    pieces, start = [], 0
+    its window (a hard cut where there is none, as in text written without spaces); made one at a time."""
+    start = 0
     while len(text) - start > limit:
         cut = max(text.rfind(space, start + limit // 2, start + limit) for space in " \t\n")
         piece = text[start : cut if cut >= 0 else start + limit].strip()
         if piece:
-            pieces.append(piece)
+            yield piece
         start = cut + 1 if cut >= 0 else start + limit
     last = text[start:].strip()
-    return pieces + [last] if last else pieces
+    if last:
+        yield last
 
 
 def _cut_sentence(sentence: str, counts: collections.Counter) -> list[str]:
     """A sentence, or pseudo-sentences of at most MAX_SENTENCE_CHARS where it is longer (counted)."""
     if len(sentence) <= MAX_SENTENCE_CHARS:
         return [sentence]
-    pieces = _cut(sentence, MAX_SENTENCE_CHARS)
+    pieces = list(_cut(sentence, MAX_SENTENCE_CHARS))
     counts["long sentences"] += 1
     counts["pseudo-sentences"] += len(pieces)
     return pieces
@@ -231,7 +232,7 @@ def _sentences(paragraph: str, counts: collections.Counter) -> list[str]:
     """`split_sentences`, with a paragraph or sentence too long to tokenize cut at spaces (counted)."""
     if len(paragraph) > MAX_PARAGRAPH_CHARS:
         counts["long paragraphs"] += 1
-        windows = _cut(paragraph, MAX_PARAGRAPH_CHARS)
+        windows: Iterator[str] | list[str] = _cut(paragraph, MAX_PARAGRAPH_CHARS)
     else:
         windows = [paragraph]
     return [piece for window in windows for sentence in split_sentences(window) for piece in _cut_sentence(sentence, counts)]
