@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import hashlib
 import itertools
 import json
@@ -301,10 +302,17 @@ class Data:
 # The cache: one file per (run, step, measure)
 
 
-def _key(settings, checkpoint: Checkpoint) -> str:
-    settings = settings.to_dict() if hasattr(settings, "to_dict") else settings
+@functools.cache
+def _source_hash(module) -> str:
+    return hashlib.sha256(pathlib.Path(module.__file__).read_bytes()).hexdigest()[:16]
+
+
+def _key(settings, checkpoint: Checkpoint, code: tuple) -> str:
+    """What a cached result depends on: the measure's settings, the checkpoint, and the measure's code."""
     settings = {key: value for key, value in settings.items() if key not in REPORT_ONLY}
-    text = json.dumps({"settings": settings, "checkpoint": checkpoint.identity}, sort_keys=True, default=str)
+    text = json.dumps(
+        {"settings": settings, "checkpoint": checkpoint.identity, "code": [_source_hash(module) for module in code]}, sort_keys=True, default=str
+    )
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -314,37 +322,41 @@ class Unit:
 
     name: str  # pos | probe_TASK | cka | downstream_TASK
     settings: dict
+    code: tuple = ()  # the modules that compute it: an edit there makes the cached result stale
 
     def path(self, directory: pathlib.Path) -> pathlib.Path:
         return directory / f"{self.name}.json"
 
-    def cached(self, directory: pathlib.Path, checkpoint: Checkpoint) -> list[dict] | None:
+    def cached(self, directory: pathlib.Path, checkpoint: Checkpoint) -> dict | None:
+        """{'rows', 'seconds', 'cpu_seconds'} if the cache holds this result for this checkpoint, settings and code."""
         path = self.path(directory)
         if not path.exists():
             return None
         stored = json.loads(path.read_text())
-        if stored.get("key") != _key(self.settings, checkpoint):
+        if stored.get("key") != _key(self.settings, checkpoint, self.code):
             return None
         if self.name == "cka" and not (directory / "cka_sample.npy").exists():
             return None
-        return stored["rows"]
+        return stored
 
-    def store(self, directory: pathlib.Path, checkpoint: Checkpoint, rows: list[dict]) -> None:
+    def store(self, directory: pathlib.Path, checkpoint: Checkpoint, rows: list[dict], seconds: float, cpu_seconds: float) -> dict:
+        stored = {"key": _key(self.settings, checkpoint, self.code), "seconds": seconds, "cpu_seconds": cpu_seconds, "rows": rows}
         directory.mkdir(parents=True, exist_ok=True)
         temporary = self.path(directory).with_suffix(".tmp")
-        temporary.write_text(json.dumps({"key": _key(self.settings, checkpoint), "rows": rows}, indent=0) + "\n")
+        temporary.write_text(json.dumps(stored, indent=0) + "\n")
         temporary.replace(self.path(directory))  # a study killed mid-write leaves no half file
+        return stored
 
 
 def units(config, data: Data) -> list[Unit]:
     found = []
     if config.pos.enabled:
-        found.append(Unit("pos", config.pos.to_dict()))
+        found.append(Unit("pos", config.pos.to_dict(), (features, pos)))
     if config.probes.enabled:
         shared = {key: value for key, value in config.probes.items() if not isinstance(value, ml_collections.ConfigDict)}
-        found += [Unit(f"probe_{name}", {**shared, "task": config.probes[name].to_dict()}) for name in data.probe_tasks()]
+        found += [Unit(f"probe_{name}", {**shared, "task": config.probes[name].to_dict()}, (features, probes)) for name in data.probe_tasks()]
     if config.cka.enabled:
-        found.append(Unit("cka", config.cka.to_dict()))
+        found.append(Unit("cka", config.cka.to_dict(), (features, cka)))
     if config.downstream.enabled:
         shared = {key: value for key, value in config.downstream.items() if key not in ("tasks", "steps")}
         found += [Unit(f"downstream_{task}", {**shared, "task": task}) for task in config.downstream.tasks]
@@ -483,6 +495,7 @@ class Summary:
     computed: int = 0
     reused: int = 0
     skipped: dict = dataclasses.field(default_factory=dict)  # "run:step" -> why
+    costs: dict = dataclasses.field(default_factory=dict)  # (run, step, measure) -> (wall, CPU seconds) when computed
     notes: list = dataclasses.field(default_factory=list)
     plots: list = dataclasses.field(default_factory=list)
     seconds: float = 0.0
@@ -515,7 +528,7 @@ def run(config, sources: Sequence[str], out, *, watch: bool = False) -> Summary:
         summary.checkpoints = len(checkpoints)
         summary.notes = list(data.notes)
         if rows:
-            summary.plots = write_outputs(config, runs, rows, data.notes, out)
+            summary.plots = write_outputs(config, runs, rows, data.notes, out, summary.costs)
         finished = all(run.finished() for run in runs)
         if not watch or finished and not summary.skipped:
             break
@@ -542,9 +555,9 @@ def _study_once(config, runs, data, measures, out, watch, summary, seen) -> tupl
             directory = cache / study_run.name / str(checkpoint.step)
             model, rows, ok = None, [], True
             for unit in (unit for unit in measures if _wanted(unit, config, checkpoint)):
-                cached = unit.cached(directory, checkpoint)
+                stored = unit.cached(directory, checkpoint)
                 first_look = (study_run.name, checkpoint.step, unit.name) not in seen
-                if cached is None:
+                if stored is None:
                     if model is None:
                         try:
                             model = checkpoint.load()
@@ -556,13 +569,15 @@ def _study_once(config, runs, data, measures, out, watch, summary, seen) -> tupl
                             ok = False
                             break
                     log.info("%s step %d: computing %s", study_run.name, checkpoint.step, unit.name)
-                    cached = compute(unit, model, checkpoint, data, config, directory, out)
-                    unit.store(directory, checkpoint, cached)
+                    wall, cpu = time.perf_counter(), time.process_time()
+                    computed = compute(unit, model, checkpoint, data, config, directory, out)
+                    stored = unit.store(directory, checkpoint, computed, time.perf_counter() - wall, time.process_time() - cpu)
                     summary.computed += 1
                 elif first_look:
                     summary.reused += 1
                 seen.add((study_run.name, checkpoint.step, unit.name))
-                rows += cached
+                summary.costs[(study_run.name, checkpoint.step, unit.name)] = (stored.get("seconds"), stored.get("cpu_seconds"))
+                rows += stored["rows"]
             if ok:
                 studied.append((checkpoint, rows))
         steps = [checkpoint.step for checkpoint, _ in studied]
@@ -579,12 +594,12 @@ def _study_once(config, runs, data, measures, out, watch, summary, seen) -> tupl
 # Outputs
 
 
-def write_outputs(config, runs: Sequence[Run], rows: list[dict], notes: Sequence[str], out: pathlib.Path) -> list[str]:
+def write_outputs(config, runs: Sequence[Run], rows: list[dict], notes: Sequence[str], out: pathlib.Path, costs: dict | None = None) -> list[str]:
     out.mkdir(parents=True, exist_ok=True)
     rows = sorted(rows, key=lambda r: (r["run"], r["step"], r["measure"], -1 if r["layer"] is None else r["layer"], r["label"]))
     write_csv(rows, out / "embryology.csv")
     groups = seed_groups(runs)
-    (out / "embryology.md").write_text(report(config, rows, groups, notes))
+    (out / "embryology.md").write_text(report(config, rows, groups, notes) + (_cost(costs) if costs else ""))
     return plots.draw(rows, groups, out) if config.plots else []
 
 
@@ -808,3 +823,22 @@ def _comparisons(config, rows, groups, measures) -> str:
         "that resamples the seeds of each group and the cells, paired.\n\n"
         + _table(["measure", "difference", "cells", "seeds", "mean difference", "interval", "p"], lines)
     )
+
+
+def _cost(costs: dict) -> str:
+    """What each measure cost per checkpoint when it was computed (from the cache: a reused result keeps its cost)."""
+    by_measure: dict[str, list[tuple[float, float]]] = {}
+    by_checkpoint: dict[tuple, list[float]] = {}
+    for (run_name, step, measure), (wall, cpu) in costs.items():
+        if wall is not None:
+            by_measure.setdefault(measure, []).append((wall, cpu))
+            by_checkpoint.setdefault((run_name, step), []).append(wall)
+    lines = [(measure, len(values), float(np.mean([w for w, _ in values])), float(np.mean([c for _, c in values])), float(np.sum([w for w, _ in values]))) for measure, values in sorted(by_measure.items())]
+    totals = [sum(values) for values in by_checkpoint.values()]
+    return (
+        "\n## Cost\n\nWall-clock and process CPU seconds per checkpoint when each result was computed (the first "
+        "checkpoint of a process also pays the compilations).\n\n"
+        + _table(["measure", "checkpoints", "wall s / checkpoint", "CPU s / checkpoint", "wall s in all"], lines)
+        + (f"\nAll measures: {np.mean(totals):.1f} s per checkpoint on average, {np.sum(totals):.0f} s for {len(totals)} checkpoints.\n" if totals else "")
+    )
+
