@@ -335,17 +335,13 @@ def parse(text: str, corpus_format: str, name: str = "<text>") -> list[Document]
         len(documents),
         sum(len(document) for document in documents),
     )
-    if counts["long sentences"] or counts["long paragraphs"]:
-        log.warning(
-            "%s: cut %d paragraph(s) longer than %d characters at spaces before sentence splitting, and %d sentence(s) "
-            "longer than %d characters into %d pseudo-sentences (a file without line breaks or sentence punctuation?)",
-            name,
-            counts["long paragraphs"],
-            MAX_PARAGRAPH_CHARS,
-            counts["long sentences"],
-            MAX_SENTENCE_CHARS,
-            counts["pseudo-sentences"],
-        )
+    cuts = []
+    if counts["long paragraphs"]:
+        cuts.append(f"{counts['long paragraphs']} paragraph(s) longer than {MAX_PARAGRAPH_CHARS} characters at spaces before sentence splitting")
+    if counts["long sentences"]:
+        cuts.append(f"{counts['long sentences']} sentence(s) longer than {MAX_SENTENCE_CHARS} characters into {counts['pseudo-sentences']} pseudo-sentences")
+    if cuts:
+        log.warning("%s: cut %s (a file without line breaks or sentence punctuation?)", name, " and ".join(cuts))
     return documents
 
 
