@@ -30,7 +30,7 @@ from bertjax.data import tokenizer as tokenizer_lib
 from bertjax.errors import UserError
 from bertjax.train import state as state_lib
 
-MIN_BUCKET = 16
+MIN_BUCKET = 32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,22 +70,24 @@ def _apply_config(model_config) -> models.BertConfig:
     return dataclasses.replace(models.BertConfig.from_config(model_config), dtype="float32", attention_implementation="xla")
 
 
+def _mlm_head(module, hidden):
+    return module.mlm(hidden, module.encoder.attend)
+
+
 @functools.partial(jax.jit, static_argnums=0)
-def _predict_ids(cfg: models.BertConfig, params, input_ids, attention_mask, positions):
-    out = models.BertForPreTraining(cfg).apply(
-        {"params": params}, input_ids, jnp.zeros_like(input_ids), attention_mask, masked_positions=positions, deterministic=True
-    )
-    return jnp.argmax(out.mlm_logits, axis=-1).astype(jnp.int32)
+def _mlm_argmax(cfg: models.BertConfig, params, hidden):
+    logits = models.BertForPreTraining(cfg).apply({"params": params}, hidden, method=_mlm_head)
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
 
 def _encoder_hidden_states(module, input_ids, attention_mask):
     return module.encoder(input_ids, jnp.zeros_like(input_ids), attention_mask, True)[1]
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _hidden_states(cfg: models.BertConfig, params, input_ids, attention_mask, positions):
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _hidden_states(cfg: models.BertConfig, layers: tuple[int, ...], params, input_ids, attention_mask, positions):
     hidden = models.BertForPreTraining(cfg).apply({"params": params}, input_ids, attention_mask, method=_encoder_hidden_states)
-    return jnp.stack([models.gather_positions(layer, positions) for layer in hidden])  # [L+1, B, P, H]
+    return jnp.stack([models.gather_positions(hidden[layer], positions) for layer in layers])  # [len(layers), B, P, H]
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -161,18 +163,61 @@ class Model:
 
     # --- Forward passes (batched, bucketed, reduced per batch) ----------------------------------
 
-    def predict_ids(self, input_ids, attention_mask, positions, *, batch_size: int = 32) -> np.ndarray:
-        """[N, P] the MLM head's most likely piece at positions [N, P] (-1 = none: the result there is meaningless)."""
-        return self._batched(_predict_ids, input_ids, attention_mask, positions, batch_size)
+    def predict_ids(self, input_ids, attention_mask, positions, *, batch_size: int = 32, head_chunk: int = 1024) -> np.ndarray:
+        """[N, P] the MLM head's most likely piece at positions [N, P] (-1 = none: 0 is returned there).
 
-    def hidden_states(self, input_ids, attention_mask, positions, *, batch_size: int = 32) -> np.ndarray:
-        """[L+1, N, P, H] float32: the embeddings output (layer 0) and each layer's output at positions [N, P] (-1 = none)."""
-        return self._batched(_hidden_states, input_ids, attention_mask, positions, batch_size, batch_axis=1)
+        The encoder runs batched; the head (the costly vocabulary projection) runs only on the chosen
+        positions, flattened into fixed chunks of `head_chunk`, so no padding position pays for it.
+        """
+        positions = np.asarray(positions, np.int32)
+        last = self.hidden_states(input_ids, attention_mask, positions, batch_size=batch_size, layers=(self.num_layers,))[0]
+        chosen = positions >= 0
+        hidden = np.zeros((-(-chosen.sum() // head_chunk) * head_chunk, self.hidden_size), np.float32)
+        hidden[: chosen.sum()] = last[chosen]
+        flat = [np.asarray(_mlm_argmax(self.cfg, self.params, hidden[first : first + head_chunk])) for first in range(0, len(hidden), head_chunk)]
+        ids = np.zeros(positions.shape, np.int32)
+        ids[chosen] = np.concatenate(flat or [np.zeros(0, np.int32)])[: chosen.sum()]
+        return ids
+
+    def hidden_states(self, input_ids, attention_mask, positions, *, batch_size: int = 32, layers: Sequence[int] | None = None) -> np.ndarray:
+        """[L+1, N, P, H] float32: the embeddings output (layer 0) and each layer's output at positions [N, P]
+        (-1 = none: meaningless values there); only `layers` (indices 0..L) when given."""
+        layers = tuple(range(self.num_layers + 1)) if layers is None else tuple(layers)
+        return self._batched(functools.partial(_hidden_states, self.cfg, layers), input_ids, attention_mask, positions, batch_size, batch_axis=1)
 
     def mean_pooled(self, input_ids, attention_mask, *, batch_size: int = 32) -> np.ndarray:
         """[L+1, N, H] float32: each layer averaged over the real tokens ([CLS] and [SEP] included), as
         the 'features' fine-tuning regime pools a sentence."""
-        return self._batched(_mean_pooled, input_ids, attention_mask, None, batch_size, batch_axis=1)
+        return self._batched(functools.partial(_mean_pooled, self.cfg), input_ids, attention_mask, None, batch_size, batch_axis=1)
+
+    def word_features(self, sentences: Sequence[Sequence[str]], max_tokens: int, seed: int, *, max_seq_length: int = 128, batch_size: int = 32):
+        """A fixed sample of whole sentences, about `max_tokens` words, and every layer's features at each word's first piece.
+
+        The sentences are drawn in a seeded order until the next would pass `max_tokens` (whole
+        sentences, so that sentence-level metrics such as entity F1 stay defined). Returns
+        (features [L+1, N, H] float32, sentence [N], word [N]): the indices of each feature's word in
+        `sentences`; words cut off by max_seq_length are left out.
+        """
+        chosen, total = [], 0
+        for index in np.random.default_rng(seed).permutation(len(sentences)):
+            if chosen and total + len(sentences[index]) > max_tokens:
+                break
+            chosen.append(int(index))
+            total += len(sentences[index])
+        chosen.sort()
+        parts, sentence_ids, word_ids = [], [], []
+        # Chunks of sentences bound the [L+1, chunk, words, H] array hidden_states returns.
+        for first in range(0, len(chosen), 4 * batch_size):
+            chunk = chosen[first : first + 4 * batch_size]
+            batch = self.encode_words([sentences[index] for index in chunk], max_seq_length)
+            hidden = self.hidden_states(batch.input_ids, batch.attention_mask, batch.word_start, batch_size=batch_size)
+            parts.append(hidden[:, batch.kept])
+            rows, words = np.nonzero(batch.kept)
+            sentence_ids.append(np.asarray(chunk)[rows])
+            word_ids.append(words)
+        if not parts:
+            raise ValueError("no sentences to take features from")
+        return np.concatenate(parts, axis=1), np.concatenate(sentence_ids), np.concatenate(word_ids)
 
     def _batched(self, function, input_ids, attention_mask, positions, batch_size: int, batch_axis: int = 0) -> np.ndarray:
         input_ids, attention_mask = np.asarray(input_ids, np.int32), np.asarray(attention_mask, np.int32)
@@ -199,7 +244,7 @@ class Model:
                 chosen = np.zeros((batch_size, width), np.int32)
                 chosen[: len(rows)] = np.maximum(positions[rows, :width], 0)
                 args.append(chosen)
-            result = np.take(np.asarray(function(self.cfg, self.params, *args)), range(len(rows)), axis=batch_axis)
+            result = np.take(np.asarray(function(self.params, *args)), range(len(rows)), axis=batch_axis)
             if positions is not None:
                 pad = [(0, 0)] * result.ndim
                 pad[batch_axis + 1] = (0, positions.shape[1] - result.shape[batch_axis + 1])
