@@ -50,13 +50,13 @@ class _ArgumentParser(argparse.ArgumentParser):
 
 def _path(path: str) -> str:
     """A path the user typed, made absolute against the working directory ('-' is stdin/stdout)."""
-    return path if path == "-" else os.path.abspath(os.path.expanduser(path))
+    return path if path == "-" else config_lib.absolute(path)
 
 
 def _existing(path: str, flag: str) -> str:
     resolved = _path(path)
     if resolved != "-" and not os.path.exists(resolved):
-        raise errors.UserError(f"{flag} {path}: no such file or directory ({resolved})")
+        raise errors.MissingInputError(f"{flag} {path}: no such file or directory ({resolved})")
     return resolved
 
 

@@ -340,7 +340,8 @@ PATH_KEYS = {
 SWEEP_FINETUNE_PREFIX = "sweep.finetune."
 
 
-def _absolute(path: str) -> str:
+def absolute(path: str) -> str:
+    """A path as typed (relative, ~) made absolute against the working directory; symlinks are kept."""
     return os.path.abspath(os.path.expanduser(path))
 
 
@@ -358,12 +359,12 @@ def resolve_path(key: str, value):
     value = value.strip()
     if kind == "checkpoint":
         path, colon, step = value.rpartition(":")
-        return f"{_absolute(path)}:{step}" if path and step.isdigit() else _absolute(value)
+        return f"{absolute(path)}:{step}" if path and step.isdigit() else absolute(value)
     if kind in ("corpus", "task") and (value.startswith("tfds:") or value == "python-docs"):
         return value
     if kind == "corpus":
-        return ",".join(_absolute(part.strip()) for part in value.split(",") if part.strip())
-    return _absolute(value)
+        return ",".join(absolute(part.strip()) for part in value.split(",") if part.strip())
+    return absolute(value)
 
 
 def path_values(config, prefix: str = "") -> dict[str, str]:

@@ -162,6 +162,9 @@ def _path_flags(config, skip) -> list[str]:
 def plan(config_spec: str, config, workdir: str | pathlib.Path, user_overrides: Sequence[str], arms: Sequence[Arm]) -> list[ArmPlan]:
     """The two commands of every arm: pretraining, then fine-tuning from the arm's pretrained weights.
 
+    `config` is the sweep's config with the user's overrides applied (as the CLI passes it); its
+    paths replace the user's path overrides in the commands.
+
     Every path in them is absolute (workdirs, config files, init_from, data files, also those that a
     config file derives from the working directory or the environment), so that the commands that
     `--print-commands` hands to a scheduler run the same wherever it starts them.
