@@ -178,6 +178,20 @@ def test_wordpiece_trainer_writes_a_vocab_that_transformers_reads_alike(tmp_path
     assert ours.encode("貓") != [ours.unk_id] and ours.encode("象") == [ours.unk_id]
 
 
+def test_a_corpus_gets_a_wordpiece_tokenizer_with_data_tokenizer_type(tmp_path):
+    from bertjax import config as config_lib
+
+    text_file = tmp_path / "corpus.txt"
+    text_file.write_text(english_text(), encoding="utf-8")
+    config = config_lib.pretrain_config("tiny")
+    config.data.update(dict(corpus=str(text_file), data_dir=str(tmp_path / "cache"), tokenizer_type="wordpiece"))
+    config.model.vocab_size = 400
+    tok = tokenizer_lib.for_config(config)
+    assert isinstance(tok, tokenizer_lib.WordPieceTokenizer) and tok.path.endswith("vocab.txt") and tok.vocab_size <= 400
+    assert tok.encode("the whale 貓") == [tok.pieces.index("the"), tok.pieces.index("whale"), tok.pieces.index("貓")]
+    assert tokenizer_lib.for_config(config).path == tok.path  # trained once, then reused
+
+
 def test_wordpiece_vocab_tokenizes_as_transformers(tmp_path):
     transformers = pytest.importorskip("transformers")
     pieces = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "whale", "white", "sea", "##s", "##ing", "sail", ",", ".", "!", "貓", "追", "狗", "harp", "##oon", "##er", "é"]

@@ -240,7 +240,9 @@ def _jieba():
     return segmenter
 
 
-@functools.lru_cache(maxsize=1 << 16)  # an instance's text recurs every epoch
+# An instance's text recurs every epoch: a cache of 2**18 runs (~50 MB) holds an epoch of ~30k
+# instances; uncached, jieba takes ~35 ms of CPU for a batch of 32 x 128 Chinese characters.
+@functools.lru_cache(maxsize=1 << 18)
 def chinese_word_starts(text: str) -> tuple[int, ...]:
     """Offsets in `text` (Chinese characters only) where jieba's words start."""
     offsets, position = [], 0
