@@ -151,6 +151,10 @@ def _parse_config_flags(verb: str, argv: list[str], default_config: str | None, 
         raise config_lib.ConfigError(f"could not load the config {spec}")
     config_lib.validate(config)
     config_lib.resolve_paths(config)
+    if config.get("init_from") and not os.path.exists(config_lib.split_step(config.init_from)[0]):
+        raise errors.MissingInputError(
+            f"config.init_from={config.init_from}: no such file or directory; give a pretraining workdir, WORKDIR:STEP or a HuggingFace directory"
+        )
     return config, flag_values, overrides, spec
 
 
@@ -282,8 +286,8 @@ def convert(argv):
     args = parser.parse_args(argv)
     from bertjax import checkpoint_io
 
-    path, colon, step = args.source.rpartition(":")
-    source = f"{_existing(path, '--from')}:{step}" if path and step.isdigit() else _existing(args.source, "--from")
+    path, step = config_lib.split_step(args.source)
+    source = _existing(path, "--from") + ("" if step is None else f":{step}")
     print(checkpoint_io.convert(source, _path(args.target)))
 
 

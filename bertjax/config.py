@@ -340,6 +340,12 @@ PATH_KEYS = {
 SWEEP_FINETUNE_PREFIX = "sweep.finetune."
 
 
+def split_step(source: str) -> tuple[str, int | None]:
+    """'WORKDIR:STEP' -> (WORKDIR, STEP); a source without a step -> (source, None)."""
+    path, _, step = source.rpartition(":")
+    return (path, int(step)) if path and step.isdigit() else (source, None)
+
+
 def absolute(path: str) -> str:
     """A path as typed (relative, ~) made absolute against the working directory; symlinks are kept."""
     return os.path.abspath(os.path.expanduser(path))
@@ -358,8 +364,8 @@ def resolve_path(key: str, value):
         return value
     value = value.strip()
     if kind == "checkpoint":
-        path, colon, step = value.rpartition(":")
-        return f"{absolute(path)}:{step}" if path and step.isdigit() else absolute(value)
+        path, step = split_step(value)
+        return absolute(path) if step is None else f"{absolute(path)}:{step}"
     if kind in ("corpus", "task") and (value.startswith("tfds:") or value == "python-docs"):
         return value
     if kind == "corpus":

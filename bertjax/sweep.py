@@ -257,7 +257,7 @@ def run(
     if failed:
         summary = "; ".join(f"{s['arm']}: {s['failure']}, log {s['log']}" for s in failed)
         raise ArmsFailed(
-            f"{len(failed)} of {len(statuses)} arms failed: {summary}. The others are in {root / 'results.md'}; "
+            f"{len(failed)} of {len(statuses)} arms failed: {summary}. Table: {root / 'results.md'}; "
             "run the same command again to retry the failed arms (finished ones are skipped)",
             statuses,
         )

@@ -75,6 +75,11 @@ CASES = {
         1,
         ["--config.data.trian=train.tsv: config.data has no key 'trian'; did you mean data.train"],
     ),
+    "finetune: init_from that does not exist": (
+        SST2 + ["--config.init_from=runs/none:600"],
+        1,
+        ["config.init_from={here}/runs/none:600: no such file or directory; give a pretraining workdir, WORKDIR:STEP or a HuggingFace directory"],
+    ),
     "finetune: no --config": (["finetune", "--workdir", "ft"], 2, ["--config is required"]),
     "pretrain: a corpus glob that matches nothing": (
         ["pretrain", "--workdir", "pt", "--config.data.corpus=nowhere/*.txt"],

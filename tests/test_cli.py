@@ -78,7 +78,10 @@ def test_missing_config_file_and_missing_config_are_named(capsys):
 
 def test_every_path_a_user_gives_is_made_absolute_once(tmp_path, monkeypatch):
     """Config keys that are paths resolve against the working directory; names (tfds:, python-docs) do not."""
-    monkeypatch.chdir(tmp_path)
+    here = tmp_path / "here"
+    for directory in (here / "runs/old", tmp_path / "pt"):
+        directory.mkdir(parents=True)
+    monkeypatch.chdir(here)
     monkeypatch.setenv("BERTJAX_SHARED_DATA", "shared")
     seen = {}
     monkeypatch.setattr(cli, "_parse_config_flags", _spy(cli._parse_config_flags, seen))
@@ -90,15 +93,15 @@ def test_every_path_a_user_gives_is_made_absolute_once(tmp_path, monkeypatch):
     argv = ["pretrain", "--workdir", "runs/pt", "--config.data.corpus=books/*.txt, more.txt", "--config.init_from=runs/old:600"]
     assert cli.main(argv + ["--config.data.tokenizer=tok/sp.model", "--config.data.eval_corpus=tfds:wiki40b"]) == 0
     config = seen["config"]
-    assert seen["workdir"] == str(tmp_path / "runs/pt")
-    assert config.data.corpus == f"{tmp_path}/books/*.txt,{tmp_path}/more.txt"
-    assert config.init_from == f"{tmp_path}/runs/old:600" and config.data.tokenizer == f"{tmp_path}/tok/sp.model"
+    assert seen["workdir"] == str(here / "runs/pt")
+    assert config.data.corpus == f"{here}/books/*.txt,{here}/more.txt"
+    assert config.init_from == f"{here}/runs/old:600" and config.data.tokenizer == f"{here}/tok/sp.model"
     assert config.data.eval_corpus == "tfds:wiki40b" and config.data.data_dir == "", "names and unset paths stay as they are"
     assert cli.main(["finetune", "--config", "configs/finetune.py:mnli", "--workdir", "ft", "--config.init_from=../pt", "--config.data.train=my.tsv"]) == 0
     config = seen["config"]
-    assert config.init_from == str(tmp_path.parent / "pt") and config.data.train == f"{tmp_path}/my.tsv"
-    assert config.data.dev == str(tmp_path / "data/glue/MNLI/dev_matched.tsv"), "a config file's relative default resolves here too"
-    assert config.data.other_dev.mismatched == str(tmp_path / "data/glue/MNLI/dev_mismatched.tsv")
+    assert config.init_from == str(tmp_path / "pt") and config.data.train == f"{here}/my.tsv"
+    assert config.data.dev == str(here / "data/glue/MNLI/dev_matched.tsv"), "a config file's relative default resolves here too"
+    assert config.data.other_dev.mismatched == str(here / "data/glue/MNLI/dev_mismatched.tsv")
 
 
 def _spy(function, seen):
