@@ -41,7 +41,7 @@ CASES = {
     "finetune: a missing task file": (
         SST2 + ["--config.data.train=nothere.tsv"],
         1,
-        ["task data file {here}/nothere.tsv does not exist (config data.train)"],
+        ["task data file {here}/nothere.tsv does not exist (config data.train): give --config.data.train=PATH"],
     ),
     "finetune: a TSV without the configured column": (
         SST2 + ["--config.data.train=text_label.tsv", "--config.data.text_a=sentence"],

@@ -25,6 +25,7 @@ import collections
 import dataclasses
 import json
 import logging
+import os
 import pathlib
 import re
 from collections.abc import Iterable, Sequence
@@ -327,7 +328,8 @@ def read(source: str, data_config, family: str, default_split: str) -> list:
         records = read_tfds(source, family, default_split, data_config)
     else:
         if not pathlib.Path(source).exists():
-            raise TaskDataError(f"task data file {source} does not exist (config {key})")
+            shared = "" if os.environ.get("BERTJAX_SHARED_DATA") else "; the shipped configs look for the shared data sets in $BERTJAX_SHARED_DATA, unset: ../shared/data"
+            raise TaskDataError(f"task data file {source} does not exist (config {key}): give --config.{key}=PATH{shared}")
         data_format = data_config.format
         if data_format not in READERS:
             raise TaskDataError(f"config data.format={data_format!r}: choose one of {READERS}")
