@@ -84,6 +84,9 @@ def test_text_files_are_repaired_or_refused(tmp_path, caplog):
         with pytest.raises(tasks.TaskDataError) as error:
             reader(tmp_path / name)
         assert str(error.value) == f"{tmp_path / name} {message}"
+    with pytest.raises(tasks.TaskDataError) as error:
+        tasks.read_tsv(tmp_path, "sentence", None, "label")
+    assert str(error.value) == f"{tmp_path} is a directory: give a file (it holds ['binary.tsv', 'blank.conll', 'crlf.tsv', 'empty.tsv', 'latin1.tsv'])"
 
 
 def test_labels_order_unseen_and_roundtrip(tmp_path):
