@@ -1,11 +1,9 @@
 """The CLI's flag handling: help, config overrides, clear errors for bad flags (no traceback), and paths as users type them."""
 
-import json
-
 import pytest
 
 from bertjax import cli
-from bertjax import config as config_lib
+from bertjax import errors
 
 
 def run_cli(argv):
@@ -138,3 +136,12 @@ def test_predict_and_convert_resolve_their_paths(tmp_path, monkeypatch, capsys):
 def test_config_paths_resolve_from_outside_the_clone(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert run_cli(["pretrain", "--config", "configs/pretrain.py:mini", "--help"]) == 0
+
+
+def test_verbose_shows_the_traceback(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(errors.MissingInputError, match="sweep collect nowhere: no such file or directory"):
+        cli.main(["--verbose", "sweep", "collect", "nowhere"])
+    monkeypatch.setenv("BERTJAX_VERBOSE", "1")
+    with pytest.raises(cli.UsageError, match="--workdir is required"):
+        cli.main(["pretrain"])
