@@ -234,8 +234,13 @@ def test_runs_differing_only_in_seed_are_one_group_and_other_groups_are_compared
         config = checkpoint_io.read_config(run)
         config.optim.lr = 5e-4
         (run / "config.json").write_text(config_lib.to_json(config))
-    summary = study.run(small_config(), [str(run) for run in runs], tmp_path / "out")
+    config = small_config()
+    config.plots = True
+    summary = study.run(config, [str(run) for run in runs], tmp_path / "out")
     assert summary.runs == 4
+    expected = ["pos_prediction.png", "pos_reconstruction.png", "probes_pos.png", "cka.png"]
+    assert sorted(pathlib.Path(path).name for path in summary.plots) == sorted(expected)
+    assert all((tmp_path / "out" / name).stat().st_size > 10_000 for name in expected)
     groups = study.seed_groups(study.parse_sources([str(run) for run in runs]))
     assert list(groups.values()) == [["a/seed0", "a/seed1"], ["b/seed0", "b/seed1"]]
     report = (tmp_path / "out" / "embryology.md").read_text()
@@ -275,3 +280,28 @@ def test_several_sources_need_an_out(tmp_path, capsys):
     run = fake_run(tmp_path / "run")
     assert cli.main(["embryology", "--workdir", f"{run}:1,{run}:2"]) == 2
     assert "--out is required" in capsys.readouterr().err
+
+
+def test_downstream_fine_tunes_the_chosen_steps_and_reads_results(fakes, tmp_path, shared_data, monkeypatch):
+    """`bertjax finetune` runs as a subprocess per chosen step (faked here: it writes results.json as finetune does)."""
+    workdir = fake_run(tmp_path / "run")
+    commands = []
+
+    def finetune(command, **kwargs):
+        commands.append(command)
+        out = pathlib.Path(command[command.index("--workdir") + 1])
+        (out / "results.json").write_text(json.dumps({"seeds": [0, 1], "accuracy": {"mean": 0.75, "std": 0.01, "runs": [0.74, 0.76]}}))
+        return study.subprocess.CompletedProcess(command, 0)
+
+    monkeypatch.setattr(study.subprocess, "run", finetune)
+    config = small_config()
+    config.pos.enabled = config.probes.enabled = config.cka.enabled = False
+    config.downstream.enabled = True
+    config.downstream.steps = (2, 4)
+    config.downstream.seeds = 2
+    study.run(config, [str(workdir)], tmp_path / "out")
+    assert [c[c.index("finetune") + 1 :][:2] for c in commands] == [["--config", f"{study.FINETUNE_CONFIG}:sst2"]] * 2
+    assert [next(a for a in c if a.startswith("--config.init_from=")) for c in commands] == [f"--config.init_from={workdir}:{step}" for step in (2, 4)]
+    assert "--config.seeds=2" in commands[0]
+    rows = [row for row in read_table(tmp_path / "out" / "embryology.csv") if row["measure"] == "downstream:sst2"]
+    assert [(row["step"], row["label"], float(row["value"]), row["n"]) for row in rows] == [("2", "accuracy", 0.75, "2"), ("4", "accuracy", 0.75, "2")]

@@ -342,7 +342,7 @@ class Unit:
     def store(self, directory: pathlib.Path, checkpoint: Checkpoint, rows: list[dict], seconds: float, cpu_seconds: float) -> dict:
         stored = {"key": _key(self.settings, checkpoint, self.code), "seconds": seconds, "cpu_seconds": cpu_seconds, "rows": rows}
         directory.mkdir(parents=True, exist_ok=True)
-        temporary = self.path(directory).with_suffix(".tmp")
+        temporary = self.path(directory).with_suffix(f".{os.getpid()}.tmp")
         temporary.write_text(json.dumps(stored, indent=0) + "\n")
         temporary.replace(self.path(directory))  # a study killed mid-write leaves no half file
         return stored
@@ -604,24 +604,13 @@ def write_outputs(config, runs: Sequence[Run], rows: list[dict], notes: Sequence
 
 
 def write_csv(rows: Sequence[dict], path: pathlib.Path) -> None:
-    temporary = path.with_suffix(".tmp")
+    temporary = path.with_suffix(f".{os.getpid()}.tmp")
     with open(temporary, "w", newline="") as file:
         writer = csv.DictWriter(file, fieldnames=COLUMNS)
         writer.writeheader()
         for row in rows:
             writer.writerow({column: "" if row.get(column) is None else row[column] for column in COLUMNS})
     temporary.replace(path)
-
-
-def read_csv(path) -> list[dict]:
-    """embryology.csv back as rows with numbers (None for the empty cells)."""
-    with open(path, newline="") as file:
-        rows = list(csv.DictReader(file))
-    for row in rows:
-        row["step"] = int(row["step"])
-        for column, kind in (("tokens_seen", int), ("layer", int), ("n", int), ("value", float)):
-            row[column] = kind(row[column]) if row[column] != "" else None
-    return rows
 
 
 def curves(rows: Sequence[dict], runs: Sequence[str], measure: str, layer=None, label: str = "") -> dict[str, dict[int, float]]:
