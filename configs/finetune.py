@@ -136,6 +136,8 @@ def get_config(task: str = "sst2"):
         if task == "mnli":
             config.data.other_dev = ml_collections.ConfigDict({"mismatched": f"{GLUE}/MNLI/dev_mismatched.tsv"})
     elif task == "chnsenticorp":
+        # text TAB positive|negative, no header; test.tsv has no labels (qid TAB text_a). A pretrained
+        # Chinese model: experiments/chinese/README.md.
         glue_tsv(config, f"{SHARED}/chinese/ChnSentiCorp", "0", "", "1", header=False)
         config.task.labels = ("negative", "positive")  # the order of the data set's labels.txt
         config.task.positive_label = "positive"

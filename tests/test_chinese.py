@@ -26,7 +26,7 @@ def xquad_contexts(shared_data):
 @pytest.fixture(scope="module")
 def text(shared_data):
     # ChnSentiCorp is simplified Chinese; the seeds' example is traditional (貓).
-    return reviews(shared_data) + xquad_contexts(shared_data) + ["貓追狗。貓追老鼠。"]
+    return reviews(shared_data)[:4000] + xquad_contexts(shared_data) + ["貓追狗。貓追老鼠。"]
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +57,7 @@ def test_every_character_is_one_piece_and_the_seeds_example_holds(tok, text):
     # piece (no byte fallback); no stand-alone '▁' is left before a Chinese character (one stays before
     # a Latin word with no '▁' piece of its own, "▁" "LED", where it marks the word's start).
     characters = sorted({c for line in text for c in line if tokenizer_lib.CJK_IDEOGRAPH.match(c)})
-    assert len(characters) > 4000
+    assert len(characters) > 3500
     assert all(len(ids) == 1 for ids in tok.encode_many(characters))
     assert [tok.id_to_piece(ids[0]) for ids in tok.encode_many(characters)] == characters
     encoded = tok.encode_many(text[:2000])
@@ -89,7 +89,7 @@ def masked(out, shape):
 
 
 def test_whole_word_masking_masks_jieba_words_whole_at_the_configured_rate(tok, shared_data):
-    ids = tok.encode_batch(reviews(shared_data, "dev")[:400], max_length=128, padding="max_length")["input_ids"]
+    ids = tok.encode_batch(reviews(shared_data, "dev")[:250], max_length=128, padding="max_length")["input_ids"]
     spec = masking.MaskingSpec(rate=0.15, max_predictions=20, whole_word=True, seed=3)
     masker = masking.Masker(spec, tok)
     out = masker(ids, np.zeros(len(ids), np.int64), np.arange(len(ids)))
@@ -115,7 +115,7 @@ def test_whole_word_masking_masks_jieba_words_whole_at_the_configured_rate(tok, 
                     words += 1
                     whole += span.all()
                     multi += len(word) > 1
-    assert words > 500 and whole == words and multi > 0.4 * words
+    assert words > 300 and whole == words and multi > 0.4 * words
     # Token-level masking of the same rows splits words.
     token_level = masked(masking.Masker(masking.MaskingSpec(rate=0.15, seed=3), tok)(ids, np.zeros(len(ids), np.int64), np.arange(len(ids))), ids.shape)
     assert (token_level != chosen).any()
