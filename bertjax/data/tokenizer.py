@@ -19,11 +19,11 @@ too small to hold every character is refused with the size to ask for.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import logging
 import os
-import collections
 import pathlib
 import re
 import shutil
