@@ -76,7 +76,7 @@ def _open(workdir: pathlib.Path) -> int:
 def lock(workdir) -> Iterator[pathlib.Path]:
     """Hold WORKDIR/.lock for the duration of the block (process 0 only); yields the absolute workdir."""
     workdir = pathlib.Path(workdir).expanduser().absolute()
-    if jax.process_index() != 0:
+    if jax.process_index() != 0:  # the hosts of one multi-host run share the workdir: process 0 locks for all
         yield workdir
         return
     path = workdir / LOCK_FILE
