@@ -294,6 +294,16 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         f = config.finetune
         _check(f.regime in REGIMES, "finetune.regime", f.regime, f"choose one of {REGIMES}")
         _check(f.features in FEATURES, "finetune.features", f.features, f"choose one of {FEATURES}")
+        if "failed_margin" in f:
+            _check(f.failed_margin >= 0, "finetune.failed_margin", f.failed_margin, "must be non-negative")
+        if "dev_split" in config.data:
+            _check(0.0 <= config.data.dev_split < 1.0, "data.dev_split", config.data.dev_split, "must be in [0, 1): the fraction of dev held out")
+            _check(
+                not (config.data.dev_split and config.data.test),
+                "data.dev_split",
+                config.data.dev_split,
+                f"data.test={config.data.test!r} is the held-out set already: set one of them",
+            )
         if "model" in config:
             _check(
                 0 <= f.freeze_layers <= config.model.num_layers,
@@ -335,6 +345,7 @@ PATH_KEYS = {
     "data.tfds_data_dir": "path",
     "data.train": "task",
     "data.dev": "task",
+    "data.test": "task",
     "data.other_dev": "task",
 }
 SWEEP_FINETUNE_PREFIX = "sweep.finetune."

@@ -8,10 +8,16 @@ starts from, plus a `sweep` section naming the downstream task) and a `get_sweep
         objectives = [Arm(o, {"data.sentence_objective": o}) for o in ("none", "nsp", "sop")]
         return product(objectives, seeds(3))
 
-Every arm runs as two ordinary CLI commands, `bertjax pretrain` then `bertjax finetune`, each in its own
+Every arm runs as ordinary CLI commands, `bertjax pretrain` then `bertjax finetune` (once per task of
+`sweep.finetune.suite`, e.g. configs/suites.py:local, else once for `sweep.task`), each in its own
 workdir under the sweep's workdir (so `--print-commands` hands exactly those to a cluster scheduler, and
 an arm can be resumed or inspected like any run). Overrides given to `bertjax sweep` apply to every arm;
 an arm's own overrides replace them for the keys the arm names.
+
+`collect` reports each task's held-out score (selected on dev, never the best dev score itself), the
+suite's mean of primary metrics, the fine-tuning runs that collapsed (counted, and left out in a
+second set of means), and comparisons.csv: every pair of arms compared with the multi-bootstrap over
+pretraining seeds, fine-tuning seeds and held-out examples (`eval/stats.py`).
 """
 
 from __future__ import annotations
@@ -30,8 +36,11 @@ import subprocess
 import sys
 from typing import Callable, Iterable, Sequence
 
+import numpy as np
+
 from bertjax import config as config_lib
 from bertjax.errors import UserError
+from bertjax.eval import per_example, stats
 
 log = logging.getLogger(__name__)
 
@@ -140,18 +149,39 @@ def _flatten(config_dict, prefix: str = "") -> dict:
 
 @dataclasses.dataclass
 class ArmPlan:
+    """An arm's commands: pretraining, then one fine-tuning command per task ('' = the single `sweep.task`)."""
+
     arm: Arm
     workdir: pathlib.Path
     pretrain: list[str]
-    finetune: list[str] | None
+    finetune: dict[str, list[str]]
 
     @property
     def pretrain_dir(self) -> pathlib.Path:
         return self.workdir / "pretrain"
 
-    @property
-    def finetune_dir(self) -> pathlib.Path:
-        return self.workdir / "finetune"
+    def finetune_dir(self, task: str) -> pathlib.Path:
+        return finetune_dir(self.workdir, task)
+
+
+def finetune_dir(arm_dir: pathlib.Path, task: str) -> pathlib.Path:
+    """arm/finetune for a single task (the layout of sweeps before suites), arm/finetune/TASK in a suite."""
+    return arm_dir / "finetune" / task if task else arm_dir / "finetune"
+
+
+def _tasks(config) -> dict[str, tuple[str, dict]]:
+    """{task: (absolute fine-tuning config spec, the task's own flat settings)}: the suite's, or '' -> sweep.task."""
+    suite = config.sweep.finetune.get("suite", "")
+    if not suite:
+        return {"": (config_lib.absolute_spec(config.sweep.task), {})} if config.sweep.task else {}
+    tasks = {}
+    for name, entry in config_lib.load(config_lib.absolute_spec(suite)).items():
+        spec = config_lib.absolute_spec(entry.config)
+        settings = {key: config_lib.resolve_path(key, value) for key, value in _flatten(entry.get("settings", {})).items()}
+        tasks[name] = (spec, settings)
+    if not tasks:
+        raise config_lib.ConfigError(f"config.sweep.finetune.suite={suite!r} names no tasks")
+    return tasks
 
 
 def _path_flags(config, skip) -> list[str]:
@@ -177,26 +207,28 @@ def plan(config_spec: str, config, workdir: str | pathlib.Path, user_overrides: 
     paths = config_lib.path_values(config)
     # The config already holds the user's overrides; its paths go into the commands resolved, below.
     user_pretrain = [f for f in user_overrides if not _flag_key(f).startswith("sweep.") and _flag_key(f) not in paths]
-    finetune_base = _flatten(config.sweep.finetune)
-    task_spec = config_lib.absolute_spec(config.sweep.task) if config.sweep.task else ""
-    task_config = config_lib.resolve_paths(config_lib.load(task_spec)) if task_spec else None
+    finetune_base = {k: v for k, v in _flatten(config.sweep.finetune).items() if k != "suite"}
+    tasks = _tasks(config)
+    task_configs = {name: config_lib.resolve_paths(config_lib.load(spec)) for name, (spec, _) in tasks.items()}
     plans = []
     for arm in arms:
         arm_dir = workdir / arm.name
         resolved = {k: config_lib.resolve_path(k, v) for k, v in arm.overrides.items()}
         pretrain_overrides = {k: v for k, v in resolved.items() if not k.startswith(FINETUNE_PREFIX)}
-        finetune_overrides = dict(finetune_base)
-        finetune_overrides.update({k[len(FINETUNE_PREFIX) :]: v for k, v in resolved.items() if k.startswith(FINETUNE_PREFIX)})
+        arm_finetune = {k[len(FINETUNE_PREFIX) :]: v for k, v in resolved.items() if k.startswith(FINETUNE_PREFIX)}
         pretrain = python + ["pretrain", "--config", config_spec, "--workdir", str(arm_dir / "pretrain")]
         pretrain += [f for f in user_pretrain if _flag_key(f) not in pretrain_overrides]
         pretrain += _path_flags(config, skip=pretrain_overrides)
         pretrain += _override_flags(pretrain_overrides)
-        finetune = None
-        if task_config is not None:
-            finetune = python + ["finetune", "--config", task_spec, "--workdir", str(arm_dir / "finetune")]
-            finetune += [f"--config.init_from={arm_dir / 'pretrain'}"]
-            finetune += _path_flags(task_config, skip=set(finetune_overrides) | {"init_from"})
-            finetune += _override_flags(finetune_overrides)
+        finetune = {}
+        for task, (spec, settings) in tasks.items():
+            # Precedence: the task's config file < sweep.finetune < the suite's task settings < the arm's keys.
+            overrides = {**finetune_base, **settings, **arm_finetune}
+            command = python + ["finetune", "--config", spec, "--workdir", str(finetune_dir(arm_dir, task))]
+            command += [f"--config.init_from={arm_dir / 'pretrain'}"]
+            command += _path_flags(task_configs[task], skip=set(overrides) | {"init_from"})
+            command += _override_flags(overrides)
+            finetune[task] = command
         plans.append(ArmPlan(arm, arm_dir, pretrain, finetune))
     return plans
 
@@ -247,8 +279,8 @@ def run(
         (p.workdir / "arm.json").write_text(json.dumps(dataclasses.asdict(p.arm), indent=2))
     if print_commands:
         for p in plans:
-            (p.workdir / STATUS).write_text(json.dumps(dict(arm=p.arm.name, pretrain="printed", finetune="skipped" if p.finetune is None else "printed")))
-            commands = [p.pretrain, ["touch", str(p.workdir / PRETRAIN_DONE)]] + ([p.finetune] if p.finetune else [])
+            (p.workdir / STATUS).write_text(json.dumps(dict(arm=p.arm.name, pretrain="printed", finetune="printed" if p.finetune else "skipped", tasks=list(p.finetune))))
+            commands = [p.pretrain, ["touch", str(p.workdir / PRETRAIN_DONE)]] + list(p.finetune.values())
             print(" && ".join(shlex.join(command) for command in commands))
         return []
     statuses = [_run_arm(p, index, len(plans), runner) for index, p in enumerate(plans, 1)]
@@ -266,7 +298,7 @@ def run(
 
 def _run_arm(p: ArmPlan, index: int, count: int, runner) -> dict:
     """Pretrain (unless done before), then fine-tune (unless done before); record the outcome in the arm's status.json."""
-    status = dict(arm=p.arm.name, pretrain="done", finetune="skipped" if p.finetune is None else "done")
+    status = dict(arm=p.arm.name, pretrain="done", finetune="done" if p.finetune else "skipped")
     log.info("arm %d/%d: %s", index, count, p.arm.name)
     if (p.workdir / PRETRAIN_DONE).exists():
         log.info("  pretraining finished before: skipped")
@@ -277,14 +309,20 @@ def _run_arm(p: ArmPlan, index: int, count: int, runner) -> dict:
             log.error("  %s: see %s", status["failure"], status["log"])
         else:
             (p.workdir / PRETRAIN_DONE).touch()
-    if p.finetune is not None and "failure" not in status:
-        if (p.finetune_dir / "results.json").exists():
-            log.info("  fine-tuning finished before: skipped")
-        else:
-            code = runner(p.finetune, p.workdir / "finetune.log")
-            if code != 0:
-                status.update(finetune="failed", failure=f"fine-tuning failed (exit {code})", log=str(p.workdir / "finetune.log"))
-                log.error("  %s: see %s", status["failure"], status["log"])
+    for task, command in p.finetune.items():
+        if "failure" in status:
+            break
+        label = f"fine-tuning {task}".rstrip()
+        if (p.finetune_dir(task) / "results.json").exists():
+            log.info("  %s finished before: skipped", label)
+            continue
+        log_path = p.workdir / (f"finetune_{task}.log" if task else "finetune.log")
+        code = runner(command, log_path)
+        if code != 0:
+            status.update(finetune="failed", failure=f"{label} failed (exit {code})", log=str(log_path))
+            log.error("  %s: see %s", status["failure"], status["log"])
+    if p.finetune:
+        status["tasks"] = list(p.finetune)
     (p.workdir / STATUS).write_text(json.dumps(status, indent=2))
     return status
 
@@ -324,18 +362,69 @@ def _last_values(rows: Iterable[dict], keys: Sequence[str]) -> dict:
     return last
 
 
-def _downstream(results_path: pathlib.Path) -> dict:
-    """Dev metrics of a fine-tuning run, as lists: one value per fine-tuning seed."""
-    if not results_path.exists():
-        return {}
-    results = json.loads(results_path.read_text())
-    metrics = results.get("metrics", results)
+@dataclasses.dataclass
+class TaskRuns:
+    """One arm's fine-tuning runs on one task, as collect reads them from the task's results.json.
+
+    scores: one {metric: value} per fine-tuning seed, on the held-out set when `heldout` (else the dev
+    score at the dev-selected step: a selection score, labelled as such in the table); failed: per
+    seed; examples: per seed the held-out per-example statistics (None when not saved).
+    """
+
+    task: str
+    primary: str
+    heldout: bool
+    scores: list[dict]
+    failed: list[bool]
+    examples: list[dict | None]
+    positive: str | None = None
+
+    def column(self, metric: str) -> str:
+        return f"{self.task}/{metric}" if self.heldout else f"{self.task}/{metric} (dev, selection)"
+
+
+def _task_runs(task: str, task_dir: pathlib.Path) -> TaskRuns:
+    results = json.loads((task_dir / "results.json").read_text())
+    config = json.loads((task_dir / "config.json").read_text()) if (task_dir / "config.json").exists() else {}
+    positive = config.get("task", {}).get("positive_label")
+    if "per_seed" in results:
+        runs = results["per_seed"]
+        heldout = all("test" in run for run in runs)
+        scores = [run["test"] if heldout else run["metrics"] for run in runs]
+        failed = [bool(run.get("failed")) for run in runs]
+        examples = [run.get("heldout_examples") for run in runs]
+    else:
+        # A summary only (results.json of an older or a hand-made run): the per-seed values of each metric.
+        summaries = {k: v for k, v in results.get("metrics", results).items() if isinstance(v, dict) and "mean" in v}
+        count = max((len(v.get("runs", [v["mean"]])) for v in summaries.values()), default=0)
+        heldout, failed, examples = False, [False] * count, [None] * count
+        scores = [{k: float(v.get("runs", [v["mean"]] * count)[i]) for k, v in summaries.items()} for i in range(count)]
+    primary = results.get("primary_metric") or (next(iter(scores[0])) if scores else "")
+    return TaskRuns(results.get("task") or task or "task", primary, heldout, scores, failed, examples, positive)
+
+
+def _arm_tasks(arm_dir: pathlib.Path) -> list[TaskRuns]:
+    """The arm's finished fine-tuning tasks: arm/finetune (one task) or arm/finetune/TASK (a suite)."""
+    if (arm_dir / "finetune" / "results.json").exists():
+        return [_task_runs("", arm_dir / "finetune")]
+    return [_task_runs(path.parent.name, path.parent) for path in sorted((arm_dir / "finetune").glob("*/results.json"))]
+
+
+SUITE_MEAN = "mean (primary metrics)"
+
+
+def _downstream(tasks: Sequence[TaskRuns], without_failed: bool = False) -> dict:
+    """{column: one value per fine-tuning run}; with several tasks also the suite's mean of the primary
+    metrics, run i averaging run i of every task."""
     values = {}
-    for name, value in metrics.items():
-        if isinstance(value, dict) and "mean" in value:
-            values[f"dev/{name}"] = [float(v) for v in value.get("runs", [value["mean"]])]
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            values[f"dev/{name}"] = [float(value)]
+    for task in tasks:
+        kept = [s for s, failed in zip(task.scores, task.failed) if not (without_failed and failed)]
+        for metric in task.scores[0] if task.scores else ():
+            values[task.column(metric)] = [s[metric] for s in kept]
+    if len(tasks) > 1:
+        primaries = [values[t.column(t.primary)] for t in tasks]
+        count = min(len(p) for p in primaries)
+        values[SUITE_MEAN] = [float(np.mean([p[i] for p in primaries])) for i in range(count)]
     return values
 
 
@@ -350,7 +439,8 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
 def arm_status(arm_dir: pathlib.Path) -> dict:
     """An arm's outcome: {'state': 'done' | 'failed' | 'unfinished', and for a failed arm 'failure' and 'log'}."""
     recorded = json.loads((arm_dir / STATUS).read_text()) if (arm_dir / STATUS).exists() else {}
-    finetuned = recorded.get("finetune") == "skipped" or (arm_dir / "finetune" / "results.json").exists()
+    tasks = recorded.get("tasks", [""])
+    finetuned = recorded.get("finetune") == "skipped" or all((finetune_dir(arm_dir, task) / "results.json").exists() for task in tasks)
     if (arm_dir / PRETRAIN_DONE).exists() and finetuned:
         return dict(state="done")
     if "failure" in recorded:
@@ -368,60 +458,217 @@ def _group_status(members: Sequence[tuple[str, dict]]) -> str:
     return "; ".join(parts) or "done"
 
 
-def collect(workdir: str | pathlib.Path) -> str:
-    """Write results.csv, results.md and plots for every arm under `workdir`; return the table.
+def _cell(row: dict, column: str) -> str:
+    return f"{row[column]:.4f} ± {row[column + ' std']:.4f}" if column in row else "–"
 
+
+def _table(rows: Sequence[dict], columns: Sequence[str]) -> list[str]:
+    lines = ["| arm | runs | " + " | ".join(columns) + " | status |", "|---|---|" + "---|" * len(columns) + "---|"]
+    for row in rows:
+        lines.append(f"| {row['arm']} | {row['finished']}/{row['runs']} | " + " | ".join(_cell(row, c) for c in columns) + f" | {row['status']} |")
+    return lines
+
+
+def _summary_rows(order, groups, members, columns) -> list[dict]:
+    rows = []
+    for group in order:
+        runs = groups[group]
+        row = dict(arm=group, runs=len(runs), finished=int(sum(v["finished"] for v in runs)), status=_group_status(members[group]))
+        for column in columns:
+            # Pretraining metrics: one value per pretraining seed; downstream metrics: one per (pretraining
+            # seed, fine-tuning seed), since fine-tuning varies between seeds as much as the arms often do.
+            present = [x for v in runs if column in v for x in (v[column] if isinstance(v[column], list) else [v[column]])]
+            if present:
+                row[column], row[column + " std"] = _mean_std(present)
+        rows.append(row)
+    return rows
+
+
+def collect(workdir: str | pathlib.Path, num_samples: int = 1000) -> str:
+    """Write results.csv, results.md, comparisons.csv and plots for every arm under `workdir`; return the table.
+
+    Downstream columns are held-out scores at the dev-selected steps ('TASK/METRIC'); a task run
+    without a held-out set shows its dev score as 'TASK/METRIC (dev, selection)', never as a result.
     Every arm has a row's worth of say: the `status` column names the arms of a group that failed or
     have not finished, and results.md lists each failed arm with its log. The metrics of an arm whose
     pretraining failed are left out of the means (a crashed run's last values would pass for results).
+    Fine-tuning runs that collapsed (results.json's failed_seeds) are counted per arm and task; the
+    means are given with them and, in a second table, without them.
     """
     workdir = pathlib.Path(workdir)
     arm_dirs = _arm_dirs(workdir)
     if not arm_dirs:
         raise UserError(f"no arms under {workdir} (each arm directory holds an arm.json): give the --workdir of a `bertjax sweep`")
     groups: dict[str, list[dict]] = {}
+    kept_groups: dict[str, list[dict]] = {}
     members: dict[str, list[tuple[str, dict]]] = {}
+    task_runs: dict[str, list[tuple[str, TaskRuns]]] = {}
     order = []
     for arm_dir in arm_dirs:
         arm = json.loads((arm_dir / "arm.json").read_text())
         status = arm_status(arm_dir)
         values = {} if status.get("failure", "").startswith("pretraining") else _last_values(read_metrics(arm_dir / "pretrain"), PRETRAIN_COLUMNS)
-        values.update(_downstream(arm_dir / "finetune" / "results.json"))
-        values["finished"] = float((arm_dir / PRETRAIN_DONE).exists())
+        tasks = _arm_tasks(arm_dir)
+        kept = dict(values, **_downstream(tasks, without_failed=True))
+        values.update(_downstream(tasks))
+        values["finished"] = kept["finished"] = float((arm_dir / PRETRAIN_DONE).exists())
         if arm["group"] not in groups:
             order.append(arm["group"])
         groups.setdefault(arm["group"], []).append(values)
+        kept_groups.setdefault(arm["group"], []).append(kept)
         members.setdefault(arm["group"], []).append((arm_dir.name, status))
+        task_runs.setdefault(arm["group"], []).extend((arm_dir.name, task) for task in tasks)
     columns = [c for c in PRETRAIN_COLUMNS if any(c in v for g in groups.values() for v in g)]
-    columns += sorted({k for g in groups.values() for v in g for k in v if k.startswith("dev/")})
-    rows = []
-    for group in order:
-        runs = groups[group]
-        row = dict(arm=group, runs=len(runs), finished=int(sum(v["finished"] for v in runs)), status=_group_status(members[group]))
-        for column in columns:
-            # Pretraining metrics: one value per pretraining seed; dev metrics: one per (pretraining seed,
-            # fine-tuning seed), since fine-tuning varies between seeds as much as the arms often do.
-            present = [x for v in runs if column in v for x in (v[column] if isinstance(v[column], list) else [v[column]])]
-            if present:
-                row[column], row[column + " std"] = _mean_std(present)
-        rows.append(row)
-    header = ["arm", "runs", "finished"] + [c for column in columns for c in (column, column + " std")] + ["status"]
+    downstream = sorted({k for g in groups.values() for v in g for k in v if "/" in k and k not in PRETRAIN_COLUMNS and not k.startswith("eval/")})
+    downstream += [SUITE_MEAN] if any(SUITE_MEAN in v for g in groups.values() for v in g) else []
+    columns += downstream
+    rows = _summary_rows(order, groups, members, columns)
+    failed = {group: _failed_counts(task_runs.get(group, [])) for group in order}
+    for row in rows:
+        row["failed runs"] = failed[row["arm"]]
+    kept_rows = _summary_rows(order, kept_groups, members, columns)
+    header = ["arm", "runs", "finished"] + [c for column in columns for c in (column, column + " std")] + ["failed runs"]
+    header += [f"{c} without failed" for column in downstream for c in (column, column + " std")] + ["status"]
+    for row, kept_row in zip(rows, kept_rows):
+        row.update({f"{c} without failed": kept_row[c] for column in downstream for c in (column, column + " std") if c in kept_row})
     with open(workdir / "results.csv", "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=header)
         writer.writeheader()
         writer.writerows(rows)
-    table = ["| arm | runs | " + " | ".join(columns) + " | status |", "|---|---|" + "---|" * len(columns) + "---|"]
-    for row in rows:
-        cells = [f"{row[c]:.4f} ± {row[c + ' std']:.4f}" if c in row else "–" for c in columns]
-        table.append(f"| {row['arm']} | {row['finished']}/{row['runs']} | " + " | ".join(cells) + f" | {row['status']} |")
-    failed = [(name, s) for group in order for name, s in members[group] if s["state"] == "failed"]
-    if failed:
+    table = _table(rows, columns)
+    if downstream:
+        table += ["", "Downstream: held-out scores at the step each run's dev score selected (mean ± std over pretraining x fine-tuning seeds)."]
+    if any(failed.values()):
+        table += ["", "Failed fine-tuning runs (dev score at the majority-class level, or one constant prediction), per arm:", ""]
+        table += [f"- {group}: {failed[group] or 'none'}" for group in order]
+        table += ["", "The same, without the failed runs:", ""] + _table(kept_rows, downstream)
+    failed_arms = [(name, s) for group in order for name, s in members[group] if s["state"] == "failed"]
+    if failed_arms:
         table += ["", "Failed arms (left out of the means; run the sweep again to retry them):", ""]
-        table += [f"- {name}: {s['failure']}, log `{s['log']}`" for name, s in failed]
+        table += [f"- {name}: {s['failure']}, log `{s['log']}`" for name, s in failed_arms]
+    comparisons = compare_arms(order, task_runs, num_samples=num_samples)
+    _write_comparisons(workdir / "comparisons.csv", comparisons)
+    if comparisons:
+        table += ["", *_comparison_table(comparisons)]
     markdown = "\n".join(table) + "\n"
     (workdir / "results.md").write_text(markdown)
     _plot_sweep(workdir, arm_dirs, rows, columns)
     return markdown
+
+
+def _failed_counts(runs: Sequence[tuple[str, TaskRuns]]) -> str:
+    """'sst2 1/6, cola 0/6' ('' when none failed): failed fine-tuning runs of each task over all its runs."""
+    totals: dict[str, list[int]] = {}
+    for _, task in runs:
+        counts = totals.setdefault(task.task, [0, 0])
+        counts[0] += sum(task.failed)
+        counts[1] += len(task.failed)
+    if not any(failed for failed, _ in totals.values()):
+        return ""
+    return ", ".join(f"{task} {failed}/{count}" for task, (failed, count) in totals.items())
+
+
+# ------------------------------------------------------------------------------------------ comparisons
+
+COMPARISON_COLUMNS = (
+    "metric", "arm_a", "arm_b", "difference", "low", "high", "p_value", "separated",
+    "pretraining_seeds_a", "pretraining_seeds_b", "finetuning_seeds_a", "finetuning_seeds_b", "examples",
+    "failed_a", "failed_b", "difference_without_failed", "low_without_failed", "high_without_failed", "p_value_without_failed",
+)  # fmt: skip
+
+
+def _runs(entries: Sequence[tuple[str, TaskRuns]], task: str, metric: str, without_failed: bool) -> stats.Runs | None:
+    """The multi-bootstrap input of one arm on one task's metric: per-example statistics of every run
+    (grouped by pretraining arm); None when a run lacks them or none is left."""
+    stats_rows, groups, metric_fn = [], [], None
+    for arm_name, task_runs in entries:
+        if task_runs.task != task or not task_runs.heldout:
+            continue
+        for examples, failed in zip(task_runs.examples, task_runs.failed):
+            if examples is None:
+                return None
+            if without_failed and failed:
+                continue
+            metric_fn = per_example.metric(examples["kind"], metric, examples.get("classes"), task_runs.positive)
+            if metric_fn is None:
+                return None
+            stats_rows.append(np.asarray(examples["rows"], dtype=np.float64))
+            groups.append(arm_name)
+    if not stats_rows or len({r.shape for r in stats_rows}) != 1:
+        return None
+    return stats.Runs(np.stack(stats_rows), tuple(groups), metric_fn)
+
+
+def compare_arms(order: Sequence[str], task_runs: dict, num_samples: int = 1000, seed: int = 0) -> list[dict]:
+    """A row per (metric, arm A, arm B) for every pair of arms: the multi-bootstrap difference of each
+    task's held-out metrics and of the suite's mean of primary metrics, with and without failed runs."""
+    metrics = {}  # (task, metric) -> primary?
+    for entries in task_runs.values():
+        for _, task in entries:
+            if task.heldout and task.scores:
+                metrics.update({(task.task, m): m == task.primary for m in task.scores[0]})
+    tasks = sorted({task for task, _ in metrics})
+    rows = []
+    for i, arm_a in enumerate(order):
+        for arm_b in order[i + 1 :]:
+            a_entries, b_entries = task_runs.get(arm_a, []), task_runs.get(arm_b, [])
+            targets = [(f"{task}/{metric}", [(task, metric)]) for task, metric in sorted(metrics)]
+            if len(tasks) > 1:
+                targets.append((SUITE_MEAN, [(task, metric) for (task, metric), primary in sorted(metrics.items()) if primary]))
+            for name, parts in targets:
+                row = dict(metric=name, arm_a=arm_a, arm_b=arm_b)
+                for suffix, without in (("", False), ("_without_failed", True)):
+                    pairs = [(_runs(a_entries, t, m, without), _runs(b_entries, t, m, without)) for t, m in parts]
+                    if not pairs or any(a is None or b is None or a.stats.shape[1:] != b.stats.shape[1:] for a, b in pairs):
+                        continue
+                    result = stats.multi_bootstrap(pairs, num_samples=num_samples, seed=seed)
+                    row.update({f"difference{suffix}": result.difference, f"low{suffix}": result.low, f"high{suffix}": result.high, f"p_value{suffix}": result.p_value})
+                    if not without:
+                        a, b = pairs[0]
+                        row.update(
+                            separated=not result.low <= 0.0 <= result.high,
+                            pretraining_seeds_a=a.pretraining_seeds,
+                            pretraining_seeds_b=b.pretraining_seeds,
+                            finetuning_seeds_a=a.finetuning_seeds,
+                            finetuning_seeds_b=b.finetuning_seeds,
+                            examples=sum(a.stats.shape[1] for a, _ in pairs),
+                        )
+                if "difference" in row:
+                    names = {task for task, _ in parts}
+                    failed = [sum(sum(t.failed) for _, t in entries if t.task in names) for entries in (a_entries, b_entries)]
+                    row.update(failed_a=failed[0], failed_b=failed[1])
+                    rows.append(row)
+    return rows
+
+
+def _write_comparisons(path: pathlib.Path, rows: Sequence[dict]) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=COMPARISON_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _interval(row: dict, suffix: str = "") -> str:
+    if f"difference{suffix}" not in row:
+        return "–"
+    return f"{row['difference' + suffix]:+.4f} [{row['low' + suffix]:+.4f}, {row['high' + suffix]:+.4f}] p={row['p_value' + suffix]:.3g}"
+
+
+def _comparison_table(rows: Sequence[dict]) -> list[str]:
+    lines = [
+        "Comparisons (A − B; 95% multi-bootstrap interval over pretraining seeds, fine-tuning seeds and held-out examples):",
+        "",
+        "| metric | A | B | A − B [95% interval] | without failed runs | seeds A, B (pretraining × fine-tuning) | verdict |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        if row["separated"]:
+            verdict = f"{row['arm_a'] if row['difference'] > 0 else row['arm_b']} higher"
+        else:
+            verdict = "not separated at this budget"
+        seeds = f"{row['pretraining_seeds_a']}×{row['finetuning_seeds_a']}, {row['pretraining_seeds_b']}×{row['finetuning_seeds_b']}"
+        lines.append(f"| {row['metric']} | {row['arm_a']} | {row['arm_b']} | {_interval(row)} | {_interval(row, '_without_failed')} | {seeds} | {verdict} |")
+    return lines
 
 
 # ------------------------------------------------------------------------------------------------ plots
@@ -454,7 +701,7 @@ def _plot_sweep(workdir: pathlib.Path, arm_dirs: Sequence[pathlib.Path], rows: S
     figure.tight_layout()
     figure.savefig(workdir / "loss_curves.png", dpi=120)
     plt.close(figure)
-    downstream = [c for c in columns if c.startswith("dev/")] or [c for c in columns if c.startswith("eval/")]
+    downstream = [c for c in columns if c == SUITE_MEAN] or [c for c in columns if c not in PRETRAIN_COLUMNS] or [c for c in columns if c.startswith("eval/")]
     if not downstream:
         return
     metric = downstream[0]

@@ -81,10 +81,11 @@ def test_plan_user_overrides_apply_to_all_arms_but_arm_keys_win(tmp_path):
         assert "--config.train.total_steps=7" in p.pretrain
         assert "--config.data.sentence_objective=none" not in p.pretrain
         assert f"--config.data.sentence_objective={p.arm.name.split('-')[0]}" in p.pretrain
-        assert p.finetune[p.finetune.index("--config") + 1] == str(config_lib.REPO_ROOT / "configs/finetune.py") + ":sst2"
-        assert f"--config.init_from={p.workdir / 'pretrain'}" in p.finetune
-        assert "--config.train.total_steps=500" in p.finetune and "--config.data.max_seq_length=64" in p.finetune
-        assert "--config.seeds=3" in p.finetune
+        (finetune,) = p.finetune.values()
+        assert finetune[finetune.index("--config") + 1] == str(config_lib.REPO_ROOT / "configs/finetune.py") + ":sst2"
+        assert f"--config.init_from={p.workdir / 'pretrain'}" in finetune
+        assert "--config.train.total_steps=500" in finetune and "--config.data.max_seq_length=64" in finetune
+        assert "--config.seeds=3" in finetune and not any("suite" in flag for flag in finetune)
 
 
 def test_printed_commands_run_from_any_directory_and_collect_finds_their_arms(tmp_path, monkeypatch, capsys):
@@ -149,6 +150,7 @@ def test_run_skips_finished_arms_resumes_unfinished_and_survives_a_failure(tmp_p
     assert str(failure.value).startswith(f"1 of 4 arms failed: sop-seed1: pretraining failed (exit 3), log {runs / 'sop-seed1' / 'pretrain.log'}")
     table = (runs / "results.md").read_text()
     assert "| nsp | 2/2 |" in table and table.splitlines()[2].endswith("| done |")
+    assert "sst2/accuracy (dev, selection)" in table, "a run without a held-out set is labelled as a selection score"
     assert table.splitlines()[3].startswith("| sop | 1/2 |") and table.splitlines()[3].endswith("| failed: sop-seed1 |")
     assert f"- sop-seed1: pretraining failed (exit 3), log `{runs / 'sop-seed1' / 'pretrain.log'}`" in table
     assert (runs / "results.csv").read_text().splitlines()[2].endswith(",failed: sop-seed1")
@@ -179,7 +181,7 @@ def test_collect_aggregates_seeds_and_draws_plots(tmp_path):
         arm_dir = root / name
         fake_finished_run(arm_dir / "pretrain", [6.0, loss], {"eval/mlm_accuracy": accuracy / 2})
         runs = [accuracy - 0.1, accuracy + 0.1] if group == "b" else [accuracy]
-        fake_finished_run(arm_dir / "finetune", [0.5], results={"accuracy": {"mean": accuracy, "std": 0.1, "runs": runs}})
+        fake_finished_run(arm_dir / "finetune", [0.5], results={"task": "sst2", "accuracy": {"mean": accuracy, "std": 0.1, "runs": runs}})
         (arm_dir / "arm.json").write_text(json.dumps(dict(name=name, group=group, overrides={})))
         if group == "a":
             (arm_dir / sweep.PRETRAIN_DONE).touch()
@@ -188,7 +190,7 @@ def test_collect_aggregates_seeds_and_draws_plots(tmp_path):
     rows = (root / "results.csv").read_text().splitlines()
     assert rows[0].startswith("arm,runs,finished,loss,loss std") and rows[0].endswith(",status")
     assert rows[1].startswith("a,2,2,4.0,1.414") and rows[1].endswith(",done")
-    assert "dev/accuracy" in rows[0]
+    assert "sst2/accuracy (dev, selection)" in rows[0]
     assert table.splitlines()[3].endswith("| 0.5000 ± 0.1414 | unfinished: b-seed0 |"), "dev metrics pool every fine-tuning seed"
     assert "| 0.7000 ± 0.1414 |" in table.splitlines()[2]
     for png in ("loss_curves.png", "downstream.png"):

@@ -7,9 +7,21 @@ A run reads top to bottom: seeds, tokenizer, data, model, (pretrained) parameter
 the state, the step, the loop with dev evaluation every `train.eval_every` steps and at the end
 (the best step's parameters are kept and saved), and finally the spread over seeds.
 
+Select on dev, report on held-out data: the step is chosen on dev alone, then the held-out set is
+scored once, with that step's parameters (the held-out labels are never read before). The held-out
+set is `data.test` when the task has a labelled one, else the part `data.dev_split` (a fraction, a
+fixed seed) of the dev set that selection does not see. A seed whose best dev score is at the level
+of always predicting the training set's majority class (within `finetune.failed_margin`), or whose
+dev predictions are all one value, is marked failed: fine-tuning collapsed (Mosbach et al., 2021).
+Each seed also keeps per-example counts on the held-out set (`per_example.statistics`), which
+`sweep collect` bootstraps over examples and seeds.
+
 WORKDIR holds config.json (the config as run: model = the checkpoint's), labels.json (label
 strings in id order), tokenizer/, results.json, and seed_K/{config.json, metrics.jsonl,
 tensorboard/, checkpoints/BEST_STEP, result.json}. A seed whose result.json exists is not rerun.
+results.json keeps each dev metric at the top level by its usual name (mean, std, median, runs) and
+adds `dev` and `test` (the held-out scores at the dev-selected steps), `failed_seeds`, `baseline`
+(the majority-class scores on dev) and `without_failed` (dev and test summaries of the other seeds).
 
 Regimes (config.finetune.regime): 'full' trains everything; 'freeze_bottom' freezes the embeddings
 and the lowest `freeze_layers` layers; 'features' freezes the encoder and trains a new head on
@@ -40,7 +52,7 @@ from bertjax import config as config_lib
 from bertjax.data import tasks
 from bertjax.data import tokenizer as tokenizer_lib
 from bertjax.eval import metrics as metrics_lib
-from bertjax.eval import squad
+from bertjax.eval import per_example, squad
 from bertjax.models.heads import BertForTask
 from bertjax.train import optim, partitioning
 from bertjax.train import metrics as writers
@@ -52,6 +64,7 @@ log = logging.getLogger(__name__)
 LABELS_FILE = "labels.json"
 RESULTS_FILE = "results.json"
 SEED_RESULT_FILE = "result.json"
+DEV_SPLIT_SEED = 0  # the same dev/held-out split for every run, arm and seed
 # What the model and the loss read from a batch; the rest of the features (offsets, word positions)
 # stay on the host for decoding.
 MODEL_INPUTS = ("input_ids", "token_type_ids", "attention_mask")
@@ -126,6 +139,49 @@ def _subset(records: list, limit: int, seed: int) -> list:
         return records
     keep = np.sort(np.random.default_rng(seed).choice(len(records), size=limit, replace=False))
     return [records[i] for i in keep]
+
+
+def split_dev(records: list, fraction: float) -> tuple[list, list]:
+    """(selection, held-out): a fixed-seed `fraction` of the dev records held out, both in file order."""
+    count = int(round(fraction * len(records)))
+    if not 0 < count < len(records):
+        raise config_lib.ConfigError(f"config.data.dev_split={fraction}: leaves {len(records) - count} of {len(records)} dev examples for selection and {count} held out")
+    held = np.zeros(len(records), dtype=bool)
+    held[np.random.default_rng(DEV_SPLIT_SEED).permutation(len(records))[:count]] = True
+    return [r for r, h in zip(records, held) if not h], [r for r, h in zip(records, held) if h]
+
+
+def _gold(config, records) -> list:
+    if config.task.family == "tagging":
+        return [list(record.tags) for record in records]
+    return [float(record.label) for record in records] if config.task.regression else [record.label for record in records]
+
+
+def majority_predictions(config, labels: tasks.Labels | None, train_records, records) -> list | None:
+    """The training set's most frequent label (or tag, for every word) as the prediction for each
+    record: the level a collapsed run scores at. None for regression and span tasks."""
+    if labels is None:
+        return None
+    gold = [tag for tags in _gold(config, train_records) for tag in tags] if config.task.family == "tagging" else _gold(config, train_records)
+    names, counts = np.unique(np.asarray(gold, dtype=object).astype(str), return_counts=True)
+    majority = str(names[np.argmax(counts)])
+    if config.task.family == "tagging":
+        return [[majority] * len(record.words) for record in records]
+    return [majority] * len(records)
+
+
+def failure(config, predictions: list, metrics: dict, baseline: dict | None) -> str | None:
+    """Why a run counts as failed (its dev predictions are constant, or its primary dev metric is no
+    better than always predicting the majority class), or None."""
+    if baseline is None:
+        return None
+    flat = [tag for tags in predictions for tag in tags] if config.task.family == "tagging" else predictions
+    if len(set(flat)) <= 1:
+        return f"constant prediction {flat[0]!r}" if flat else "no predictions"
+    primary = config.task.metrics[0]
+    if metrics[primary] <= baseline[primary] + config.finetune.failed_margin:
+        return f"dev {primary} {metrics[primary]:.4f} is within {config.finetune.failed_margin} of the majority class's {baseline[primary]:.4f}"
+    return None
 
 
 def encode(config, tokenizer, records, labels: tasks.Labels | None) -> dict[str, np.ndarray]:
@@ -364,7 +420,7 @@ def make_train_step(config, model, tx, spec, placement: Placement):
     return jax.jit(train_step, donate_argnums=0, out_shardings=(spec.shardings, partitioning.replicated(placement.mesh)))
 
 
-def _train_seed(config, seed: int, seed_dir: pathlib.Path, model, labels, train: Split, dev: Split, other_dev: dict, pretrained, placement) -> dict:
+def _train_seed(config, seed: int, seed_dir: pathlib.Path, model, labels, train: Split, dev: Split, heldout: Split | None, other_dev: dict, baseline, pretrained, placement) -> dict:
     if len(train) < config.train.batch_size:
         raise ValueError(f"{config.data.train}: {len(train)} training examples, fewer than train.batch_size={config.train.batch_size}")
     batch_size, eval_batch_size = config.train.batch_size, config.train.eval_batch_size
@@ -378,9 +434,11 @@ def _train_seed(config, seed: int, seed_dir: pathlib.Path, model, labels, train:
     keys = MODEL_INPUTS + TARGETS[config.task.family]
     logits_fn = _logits_fn(model)
 
+    def predictions(params, split: Split) -> list:
+        return decode(config, labels, split, all_logits(logits_fn, params, split.features, eval_batch_size, placement))
+
     def evaluate(params, split: Split) -> dict:
-        logits = all_logits(logits_fn, params, split.features, eval_batch_size, placement)
-        return score(config, decode(config, labels, split, logits), split.records)
+        return score(config, predictions(params, split), split.records)
 
     # Loop.
     writer = writers.Writer(seed_dir, config)
@@ -398,22 +456,33 @@ def _train_seed(config, seed: int, seed_dir: pathlib.Path, model, labels, train:
             writer.write(step, {"loss": loss, "learning_rate": float(schedule(step))})
             bar.set_postfix(loss=f"{loss:.4f}")
         if step % config.train.eval_every == 0 or step == total_steps:
-            dev_metrics = evaluate(state.params, dev)
+            dev_predictions = predictions(state.params, dev)
+            dev_metrics = score(config, dev_predictions, dev.records)
             writer.write(step, {f"eval/{name}": value for name, value in dev_metrics.items()})
             log.info("seed %d step %d: dev %s", seed, step, json.dumps({k: round(v, 4) for k, v in dev_metrics.items()}))
             if best["metrics"] is None or dev_metrics[primary] > best["metrics"][primary]:
-                best = {"step": step, "metrics": dev_metrics, "params": jax.device_get(state.params)}
+                best = {"step": step, "metrics": dev_metrics, "params": jax.device_get(state.params), "predictions": dev_predictions}
     bar.close()
     writer.close()
 
-    # The best step's parameters: saved for predict, and scored on the other dev sets.
+    # The best step's parameters: saved for predict, and scored on the held-out set (its labels are
+    # read here for the first time) and on the other dev sets.
     checkpoint_io.save_params(seed_dir, config, best["params"], step=best["step"])
     dev_metrics = dict(best["metrics"])
-    if other_dev:
-        params = jax.device_put(best["params"], spec.shardings.params)
-        for name, split in other_dev.items():
-            dev_metrics.update({f"{name}/{metric}": value for metric, value in evaluate(params, split).items()})
-    result = {"seed": seed, "best_step": best["step"], "total_steps": total_steps, "metrics": dev_metrics}
+    why = failure(config, best["predictions"], best["metrics"], baseline)
+    if why:
+        log.warning("seed %d FAILED (fine-tuning collapsed): %s", seed, why)
+    result = {"seed": seed, "best_step": best["step"], "total_steps": total_steps, "failed": why is not None, "failure": why}
+    params = jax.device_put(best["params"], spec.shardings.params) if other_dev or heldout is not None else None
+    if heldout is not None:
+        test_predictions = predictions(params, heldout)
+        result["test"] = score(config, test_predictions, heldout.records)
+        classes = labels.names if labels is not None else None
+        result["heldout_examples"] = per_example.statistics(config.task.family, config.task.regression, test_predictions, _gold(config, heldout.records), classes)
+        log.info("seed %d: held-out %s at dev-selected step %d", seed, json.dumps({k: round(v, 4) for k, v in result["test"].items()}), best["step"])
+    for name, split in other_dev.items():
+        dev_metrics.update({f"{name}/{metric}": value for metric, value in evaluate(params, split).items()})
+    result["metrics"] = dev_metrics
     (seed_dir / SEED_RESULT_FILE).write_text(json.dumps(result, indent=2) + "\n")
     return result
 
@@ -448,6 +517,11 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
     # Data (records) and tokenizer.
     train_records = _subset(tasks.read(config.data.train, config.data, family, "train"), config.data.max_train_examples, config.train.seed)
     dev_records = _subset(tasks.read(config.data.dev, config.data, family, "validation"), config.data.max_dev_examples, config.train.seed)
+    heldout_records = None
+    if config.data.test:
+        heldout_records = _subset(tasks.read(config.data.test, config.data, family, "test"), config.data.max_test_examples, config.train.seed)
+    elif config.data.dev_split:
+        dev_records, heldout_records = split_dev(dev_records, config.data.dev_split)
     other_records = {name: tasks.read(path, config.data, family, "validation") for name, path in config.data.other_dev.items()}
     tokenizer, tokenizer_is_checkpoints = _tokenizer(config, workdir, train_records)
 
@@ -474,6 +548,9 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
     trainable = [record for record in train_records if _trainable(record)]
     train = Split(trainable, encode(config, tokenizer, trainable, labels))
     dev = Split(dev_records, encode(config, tokenizer, dev_records, labels))
+    heldout = None if heldout_records is None else Split(heldout_records, encode(config, tokenizer, heldout_records, labels))
+    majority = majority_predictions(config, labels, trainable, dev_records)
+    baseline = None if majority is None else score(config, majority, dev_records)
     other_dev = {name: Split(records, encode(config, tokenizer, records, labels)) for name, records in other_records.items()}
     log.info("%s: %d train and %d dev features (%s, %s regime)", config.task.name, len(train), len(dev), family, config.finetune.regime)
     (workdir / "config.json").write_text(config_lib.to_json(config) + "\n")
@@ -488,7 +565,7 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
             log.info("seed %d finished before: %s", seed, seed_dir / SEED_RESULT_FILE)
             runs.append(json.loads((seed_dir / SEED_RESULT_FILE).read_text()))
             continue
-        runs.append(_train_seed(config, seed, seed_dir, model, labels, train, dev, other_dev, pretrained, placement))
+        runs.append(_train_seed(config, seed, seed_dir, model, labels, train, dev, heldout, other_dev, baseline, pretrained, placement))
 
     # The spread over seeds.
     results = {
@@ -500,14 +577,29 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
         "primary_metric": config.task.metrics[0],
         "seeds": seeds,
         "best_step": {str(run["seed"]): run["best_step"] for run in runs},
+        "heldout": "data.test" if config.data.test else ("data.dev_split" if config.data.dev_split else None),
+        "baseline": baseline,
+        "failed_seeds": [run["seed"] for run in runs if run.get("failed")],
         "per_seed": runs,
     }
     for name in runs[0]["metrics"]:
         results[name] = summarize([run["metrics"][name] for run in runs])
+    kept = [run for run in runs if not run.get("failed")]
+    results["dev"], results["without_failed"] = _summaries(runs, "metrics"), {"dev": _summaries(kept, "metrics")}
+    if heldout is not None:
+        results["test"], results["without_failed"]["test"] = _summaries(runs, "test"), _summaries(kept, "test")
     (workdir / RESULTS_FILE).write_text(json.dumps(results, indent=2) + "\n")
-    summary = ", ".join(f"{name} {results[name]['mean']:.4f} ± {results[name]['std']:.4f}" for name in runs[0]["metrics"])
-    log.info("%s over %d seed(s): %s; %s", config.task.name, len(seeds), summary, workdir / RESULTS_FILE)
+    summary = ", ".join(f"{part} {name} {values['mean']:.4f} ± {values['std']:.4f}" for part in ("dev", "test") for name, values in results.get(part, {}).items())
+    failed = f"; {len(results['failed_seeds'])} failed seed(s): {results['failed_seeds']}" if results["failed_seeds"] else ""
+    log.info("%s over %d seed(s): %s%s; %s", config.task.name, len(seeds), summary, failed, workdir / RESULTS_FILE)
     return results
+
+
+def _summaries(runs: list[dict], key: str) -> dict:
+    """{metric: summarize(...)} of runs[i][key]; {} when no run is left (every seed failed)."""
+    if not runs or key not in runs[0]:
+        return {}
+    return {name: summarize([run[key][name] for run in runs]) for name in runs[0][key]}
 
 
 def _trainable(record) -> bool:
