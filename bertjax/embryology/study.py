@@ -710,14 +710,14 @@ def _learning_speed(config, rows, groups, measure) -> str:
             if reached:
                 t50 = [t for t, _ in reached if t is not None]
                 t90 = [t for _, t in reached if t is not None]
-                classes.append((f"{name} ({', '.join(tag for tag in tags if tag in speed)})", _median(t50), _median(t90)))
+                classes.append((f"{name} ({', '.join(tag for tag in tags if tag in speed)})", f"{len(t90)} of {len(reached)}", _median(t50), _median(t90)))
         if classes:
-            text.append(_table(["class", "median step to 50%", "median step to 90%"], classes))
+            text.append(_table(["class", "tags above 0 at the end", "median step to 50%", "median step to 90%"], classes))
     return "\n".join(text)
 
 
 def _median(values):
-    return float(np.median(values)) if values else None
+    return f"{np.median(values):g}" if values else None
 
 
 def _best_layers(rows, groups, probe_tasks, steps) -> str:
