@@ -86,10 +86,12 @@ def _pos_curves(rows, groups, measure, path) -> pathlib.Path:
     for axis, label in zip(axes.flat, labels):
         _overlay(axis, rows, groups, measure, None, label)
         axis.set_title(f"{label} ({counts[label]} words)", fontsize=9)
-        axis.set_ylim(bottom=0)
         axis.grid(alpha=0.3)
     for axis in list(axes.flat)[len(labels) :]:
         axis.axis("off")
+    # One scale for every tag (shared y), from 0 to the highest accuracy any tag reaches.
+    top = max(axis.dataLim.ymax for axis in list(axes.flat)[: len(labels)])
+    axes.flat[0].set_ylim(0, max(top, 0.01) * 1.05)
     axes.flat[0].legend(fontsize=7)
     band = " (band: range over seeds)" if any(len(members) > 1 for members in groups.values()) else ""
     figure.suptitle(f"{measure} accuracy by UPOS tag against the pretraining step{band}")
