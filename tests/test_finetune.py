@@ -64,7 +64,7 @@ def changed(before, after, path):
     "task, regime, files, data",
     [
         ("cola", "full", ("glue/CoLA/train.tsv", "glue/CoLA/dev.tsv"), dict(max_train_examples=64, max_dev_examples=48)),
-        ("conll2003", "freeze_bottom", ("conll2003/eng.testb", "conll2003/eng.testa"), dict(max_train_examples=64, max_dev_examples=40)),
+        ("conll2003", "freeze_bottom", ("conll2003/eng.testb", "conll2003/eng.testa"), dict(max_train_examples=64, max_dev_examples=40, max_test_examples=40)),
         (
             "xquad",
             "features",
@@ -187,6 +187,9 @@ def test_cli_end_to_end_beats_majority_on_sst2(shared_data, tmp_path):
     assert results["task"] == "sst2" and results["seeds"] == [0] and results["init_from"] is None
     majority = max(np.mean([e.label == "1" for e in tasks.read_tsv(shared_data / "glue/SST-2/dev.tsv", "text", None, "label")]), 0.5)
     assert results["accuracy"]["mean"] > majority + 0.05, results["accuracy"]
+    # Selected on one half of dev, reported on the other (data.dev_split): the held-out score beats it too.
+    assert results["heldout"] == "data.dev_split" and results["test"]["accuracy"]["mean"] > majority + 0.05, results["test"]
+    assert results["failed_seeds"] == [] and results["dev"]["accuracy"] == results["accuracy"]
     assert json.loads((workdir / "labels.json").read_text()) == ["0", "1"]
     assert any("eval/accuracy" in line for line in (workdir / "seed_0/metrics.jsonl").read_text().splitlines())
 

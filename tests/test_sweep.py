@@ -226,9 +226,7 @@ def get_config():
     config.train.update(dict(batch_size=8, total_steps=40, eval_every=3, eval_batches=1, log_every=1, progress=False))
     config.checkpoint.every = 3
     config.optim.warmup_steps = 1
-    config.sweep.task = "configs/finetune.py:sst2"
-    config.sweep.finetune.train.update(dict(total_steps=3, batch_size=8, eval_every=3))
-    config.sweep.finetune.data.update(dict(max_train_examples=64, max_seq_length=32))
+    config.sweep.finetune.suite = "{suite}"
     config.sweep.finetune.seeds = 1
     return config
 
@@ -238,29 +236,62 @@ def get_sweep():
 '''
 
 
+# Two tasks of the local suite, a few steps each on small subsets.
+TINY_SUITE = """
+import ml_collections
+
+
+def get_config(name=""):
+    tiny = dict(data=dict(max_train_examples=64, max_dev_examples=64, max_seq_length=32), train=dict(epochs=0.0, total_steps=3, batch_size=8, eval_every=3))
+    return ml_collections.ConfigDict(dict(sst2=dict(config="configs/finetune.py:sst2", settings=tiny), cola=dict(config="configs/finetune.py:cola", settings=tiny)))
+"""
+
+
+def test_shipped_suites_expand_to_valid_configs():
+    for name in ("local", "glue"):
+        for task, entry in config_lib.load(f"configs/suites.py:{name}").items():
+            config = config_lib.load(entry.config)
+            for key, value in sweep._flatten(entry.settings).items():
+                *parents, leaf = key.split(".")
+                parent = config
+                for part in parents:
+                    parent = parent[part]
+                assert leaf in parent, f"suite {name}: task {task} sets unknown key {key}"
+                parent[leaf] = value
+            config_lib.validate(config)
+            assert config.data.test or config.data.dev_split, f"suite {name}: task {task} has no held-out set"
+
+
 def test_two_arm_sweep_end_to_end(tmp_path, shared_data, monkeypatch):
-    """The real CLI: two arms pretrain on real text and fine-tune on SST-2; the table has both."""
+    """The real CLI: two arms pretrain on real text and fine-tune on a suite of two tasks (SST-2, CoLA);
+    the table has both arms and comparisons.csv a row per metric."""
     monkeypatch.setenv("BERTJAX_SHARED_DATA", str(shared_data))
     monkeypatch.chdir(config_lib.REPO_ROOT)
+    (tmp_path / "tiny_suite.py").write_text(TINY_SUITE)
     spec_path = tmp_path / "tiny_sweep.py"
-    spec_path.write_text(TINY_SWEEP.format(corpus=shared_data / "corpus" / "moby-dick.txt", cache=tmp_path / "cache"))
+    spec_path.write_text(TINY_SWEEP.format(corpus=shared_data / "corpus" / "moby-dick.txt", cache=tmp_path / "cache", suite=tmp_path / "tiny_suite.py"))
     spec = str(spec_path)
     config = config_lib.load(spec)
     overrides = ["--config.train.total_steps=3"]
     config.train.total_steps = 3
-    config.sweep.finetune.data.update(dict(max_dev_examples=64))
     statuses = sweep.run(spec, config, str(tmp_path / "runs"), overrides)
-    assert statuses == [dict(arm=a, pretrain="done", finetune="done") for a in ("nsp-seed0", "sop-seed0")], statuses
+    assert statuses == [dict(arm=a, pretrain="done", finetune="done", tasks=["cola", "sst2"]) for a in ("nsp-seed0", "sop-seed0")], statuses
     for arm, objective in (("nsp-seed0", "nsp"), ("sop-seed0", "sop")):
         pretrain = json.loads((tmp_path / "runs" / arm / "pretrain" / "config.json").read_text())
         assert pretrain["train"]["total_steps"] == 3, "the sweep-level override reaches every arm"
         assert pretrain["data"]["sentence_objective"] == objective, "the arm's own key wins"
         last = sweep.read_metrics(tmp_path / "runs" / arm / "pretrain")[-1]
         assert last["step"] == 3 and {"eval/nsp_accuracy", "eval/sop_accuracy"} <= set(last)
-        results = json.loads((tmp_path / "runs" / arm / "finetune" / "results.json").read_text())
-        assert 0.0 <= results["accuracy"]["mean"] <= 1.0
+        for task in ("sst2", "cola"):
+            results = json.loads((tmp_path / "runs" / arm / "finetune" / task / "results.json").read_text())
+            assert results["heldout"] == "data.dev_split" and 0.0 <= results["test"]["accuracy"]["mean"] <= 1.0
+            assert len(results["per_seed"][0]["heldout_examples"]["rows"]) == 32
     table = (tmp_path / "runs" / "results.md").read_text()
-    assert "| nsp | 1/1 |" in table and "| sop | 1/1 |" in table and "dev/accuracy" in table
+    assert "| nsp | 1/1 |" in table and "| sop | 1/1 |" in table and "sst2/accuracy" in table and "cola/mcc" in table
+    comparisons = (tmp_path / "runs" / "comparisons.csv").read_text().splitlines()
+    assert [line.split(",")[:3] for line in comparisons[1:]] == [
+        [metric, "nsp", "sop"] for metric in ("cola/accuracy", "cola/mcc", "sst2/accuracy", sweep.SUITE_MEAN)
+    ]
     calls = []
     sweep.run(spec, config, str(tmp_path / "runs"), overrides, runner=lambda command, log: calls.append(command) or 0)
     assert calls == [], "a finished sweep re-run runs nothing"
