@@ -550,6 +550,7 @@ def collect(workdir: str | pathlib.Path, num_samples: int = 1000) -> str:
     _write_comparisons(workdir / "comparisons.csv", comparisons)
     if comparisons:
         table += ["", *_comparison_table(comparisons)]
+        _plot_comparisons(workdir / "comparisons.png", comparisons)
     markdown = "\n".join(table) + "\n"
     (workdir / "results.md").write_text(markdown)
     _plot_sweep(workdir, arm_dirs, rows, columns)
@@ -711,6 +712,24 @@ def _plot_sweep(workdir: pathlib.Path, arm_dirs: Sequence[pathlib.Path], rows: S
     axis.set(ylabel=metric, title=f"{metric} per arm (mean ± std over seeds)")
     figure.tight_layout()
     figure.savefig(workdir / "downstream.png", dpi=120)
+    plt.close(figure)
+
+
+def _plot_comparisons(path: pathlib.Path, rows: Sequence[dict]) -> None:
+    """Each comparison's difference with its 95% interval; the zero line shows which are not separated."""
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(7, 0.4 * len(rows) + 1.5))
+    positions = range(len(rows))[::-1]
+    differences = [r["difference"] for r in rows]
+    errors = [[d - r["low"] for d, r in zip(differences, rows)], [r["high"] - d for d, r in zip(differences, rows)]]
+    colors = ["C0" if r["separated"] else "0.6" for r in rows]
+    for y, d, low, high, color in zip(positions, differences, *errors, colors):
+        axis.errorbar(d, y, xerr=[[low], [high]], fmt="o", color=color, capsize=3)
+    axis.axvline(0.0, color="k", linewidth=0.8)
+    axis.set_yticks(list(positions), [f"{r['metric']}: {r['arm_a']} − {r['arm_b']}" for r in rows], fontsize="small")
+    axis.set(xlabel="difference (95% multi-bootstrap interval; grey: not separated)")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
     plt.close(figure)
 
 

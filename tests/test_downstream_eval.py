@@ -240,5 +240,6 @@ def test_collect_reports_held_out_scores_failed_runs_and_comparisons(tmp_path):
     failed = by_key[("sst2/accuracy", "weak", "weak2")]
     assert failed["failed_a"] == "1" and failed["failed_b"] == "0" and failed["difference_without_failed"] != failed["difference"]
     assert "| cola/mcc | weak | weak2 |" in table and "not separated at this budget" in table and "| strong higher |" in table
+    assert (tmp_path / "comparisons.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     header = (tmp_path / "results.csv").read_text().splitlines()[0].split(",")
     assert {"sst2/accuracy", "sst2/accuracy without failed", "failed runs"} <= set(header)
