@@ -269,3 +269,25 @@ def test_probe_rows_on_real_tasks(model, shared_data):
     assert values["probe:upos", 0]["label"] == "accuracy" and values["probe:ner", 0]["label"] == "entity_f1"
     with pytest.raises(tasks.TaskDataError, match="does not exist"):
         probes.ProbeTask.from_files("token", shared_data / "no-such.conllu", shared_data / UD_TEST)
+
+
+def test_probes_on_features_that_encode_the_tag_score_perfectly(model, shared_data, monkeypatch):
+    """Features that are the gold tag (one-hot, every layer): accuracy and entity F1 of 1 (word-level tags
+    reassembled into sentences), whatever the model."""
+    ner = probes.ProbeTask.from_files("token", shared_data / "conll2003/eng.train", shared_data / "conll2003/eng.testa", "entity_f1")
+    ner = probes.ProbeTask("token", ner.train[:300], ner.test[:200], "entity_f1")
+    tags_of = {sentence.words: sentence.tags for sentence in list(ner.train) + list(ner.test)}
+    names = sorted({tag for tags in tags_of.values() for tag in tags})
+    real = features.Model.word_features
+
+    def gold(self, sentences, max_tokens, seed, **kwargs):
+        feats, sentence, word = real(self, sentences, max_tokens, seed, **kwargs)
+        one_hot = np.eye(len(names), dtype=np.float32)[[names.index(tags_of[tuple(sentences[s])][w]) for s, w in zip(sentence, word)]]
+        return np.broadcast_to(one_hot, (feats.shape[0],) + one_hot.shape), sentence, word
+
+    monkeypatch.setattr(features.Model, "word_features", gold)
+    # max_seq_length 512: no word is cut off (a cut word is scored as 'O', which would lower F1 below 1).
+    rows = probes.evaluate(model, {"ner": ner}, dict(max_train_tokens=2000, max_test_tokens=1000, steps=300, l2=0.0, learning_rate=0.1, max_seq_length=512))
+    probe = [row for row in rows if row["measure"] == "probe:ner"]
+    assert [row["layer"] for row in probe] == [0, 1, 2]
+    assert [row["value"] for row in probe] == pytest.approx([1.0] * 3), rows
