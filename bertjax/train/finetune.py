@@ -520,8 +520,6 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
     heldout_records = None
     if config.data.test:
         heldout_records = _subset(tasks.read(config.data.test, config.data, family, "test"), config.data.max_test_examples, config.train.seed)
-    elif config.data.dev_split:
-        dev_records, heldout_records = split_dev(dev_records, config.data.dev_split)
     other_records = {name: tasks.read(path, config.data, family, "validation") for name, path in config.data.other_dev.items()}
     tokenizer, tokenizer_is_checkpoints = _tokenizer(config, workdir, train_records)
 
@@ -543,6 +541,11 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
 
     # Features.
     labels = _labels(config, train_records)
+    if heldout_records is None and config.data.dev_split:
+        if labels is not None and family != "tagging":
+            for record in dev_records:  # a dev label training lacks is named before the split puts it in either part
+                labels.encode(record.label, record.where)
+        dev_records, heldout_records = split_dev(dev_records, config.data.dev_split)
     if labels is not None:
         labels.save(workdir / LABELS_FILE)
     trainable = [record for record in train_records if _trainable(record)]
@@ -552,7 +555,8 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
     majority = majority_predictions(config, labels, trainable, dev_records)
     baseline = None if majority is None else score(config, majority, dev_records)
     other_dev = {name: Split(records, encode(config, tokenizer, records, labels)) for name, records in other_records.items()}
-    log.info("%s: %d train and %d dev features (%s, %s regime)", config.task.name, len(train), len(dev), family, config.finetune.regime)
+    held = f", {len(heldout)} held-out ({'data.test' if config.data.test else 'data.dev_split'})" if heldout is not None else ", no held-out set"
+    log.info("%s: %d train and %d dev features%s (%s, %s regime)", config.task.name, len(train), len(dev), held, family, config.finetune.regime)
     (workdir / "config.json").write_text(config_lib.to_json(config) + "\n")
 
     # One run per seed.
