@@ -571,11 +571,13 @@ def _failed_counts(runs: Sequence[tuple[str, TaskRuns]]) -> str:
 
 # ------------------------------------------------------------------------------------------ comparisons
 
+# comparisons.csv: the difference A - B, its interval and p-value, the seeds and examples behind it, the
+# failed runs on each side, and the same comparison without them.
 COMPARISON_COLUMNS = (
-    "metric", "arm_a", "arm_b", "difference", "low", "high", "p_value", "separated",
-    "pretraining_seeds_a", "pretraining_seeds_b", "finetuning_seeds_a", "finetuning_seeds_b", "examples",
-    "failed_a", "failed_b", "difference_without_failed", "low_without_failed", "high_without_failed", "p_value_without_failed",
-)  # fmt: skip
+    *("metric", "arm_a", "arm_b", "difference", "low", "high", "p_value", "separated"),
+    *("pretraining_seeds_a", "pretraining_seeds_b", "finetuning_seeds_a", "finetuning_seeds_b", "examples"),
+    *("failed_a", "failed_b", "difference_without_failed", "low_without_failed", "high_without_failed", "p_value_without_failed"),
+)
 
 
 def _runs(entries: Sequence[tuple[str, TaskRuns]], task: str, metric: str, without_failed: bool) -> stats.Runs | None:
