@@ -85,6 +85,15 @@ Document = list  # of sentences (str)
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])[\"'\u201d\u2019)\]]*\s+(?=[\"'\u201c\u2018(\[]?[A-Z0-9])")
 _ABBREVIATION = re.compile(r"\b(Mr|Mrs|Ms|Dr|St|Jr|Sr|Prof|Mt|vs|etc|e\.g|i\.e|cf|No|Vol|Fig)\.[\"')\]]*$", re.IGNORECASE)
+# Chinese sentences end at a run of 。！？；… (or of . ! ? ; after an ideograph, as typed in reviews) and
+# the closing quotes or brackets after it; neither a space nor a capital follows. The end is never
+# split from its closers.
+_CJK_ENDS = "\u3002\uff01\uff1f\uff1b\u2026"
+_CJK_CLOSERS = "\u201d\u2019\u300d\u300f\u300b\uff09)\"'"
+_CJK_SENTENCE_END = re.compile(
+    f"(?:[{_CJK_ENDS}]|(?<=[\u3400-\u9fff\uf900-\ufaff])[.!?;])[{_CJK_ENDS}.!?;]*[{_CJK_CLOSERS}]*"
+    f"(?=\\s*[^\\s{_CJK_ENDS}.!?;{_CJK_CLOSERS}])"
+)
 _HEADING = re.compile(r"^(CHAPTER|Chapter|BOOK|Book|PART|Part|VOLUME|Volume|SECTION|Section|EPILOGUE|Epilogue)\b.{0,80}$|^[IVXLC]+\.?$")
 _WIKITEXT_TITLE = re.compile(r"^ = [^=].* = $")
 _WIKITEXT_HEADING = re.compile(r"^ = = .* = = $")
@@ -163,7 +172,8 @@ def read_text(path) -> str:
 
 
 def split_sentences(paragraph: str) -> list[str]:
-    """Sentences of a paragraph (lines joined), split after . ! ? before a capital, digit or quote."""
+    """Sentences of a paragraph (lines joined), split after . ! ? before a capital, digit or quote,
+    and after Chinese sentence-final punctuation (。！？；…) and its closing quotes."""
     paragraph = " ".join(paragraph.split())
     if not paragraph:
         return []
@@ -173,7 +183,14 @@ def split_sentences(paragraph: str) -> list[str]:
             sentences[-1] += " " + piece
         else:
             sentences.append(piece)
-    return sentences
+    return [part for sentence in sentences for part in _split_chinese(sentence)]
+
+
+def _split_chinese(text: str) -> list[str]:
+    cuts = [match.end() for match in _CJK_SENTENCE_END.finditer(text)]
+    if not cuts:
+        return [text]
+    return [part for part in (text[begin:end].strip() for begin, end in zip([0, *cuts], [*cuts, len(text)])) if part]
 
 
 def _lines(text: str, start: int = 0, end: int | None = None) -> Iterator[str]:
