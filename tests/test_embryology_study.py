@@ -221,7 +221,7 @@ def test_a_conllu_file_with_multiword_tokens_and_empty_nodes_is_read_and_counted
     workdir = fake_run(tmp_path / "run")
     args = ["embryology", "--workdir", str(workdir), f"--config.pos.conllu={conllu}", "--config.probes.enabled=False", "--config.cka.enabled=False", "--config.plots=False"]
     assert cli.main(args) == 0
-    assert "1 sentences, 5 words; 1 multiword-token lines and 1 empty nodes skipped" in capsys.readouterr().out
+    assert f"{conllu}: 1 multiword-token lines and 1 empty nodes skipped" in capsys.readouterr().out
     rows = read_table(workdir / "embryology" / "embryology.csv")
     counts = {row["label"]: int(row["n"]) for row in rows if row["measure"] == "reconstruction" and row["step"] == "4"}
     assert counts == {"PRON": 1, "AUX": 1, "PART": 1, "VERB": 1, "PUNCT": 1, "ALL": 5}

@@ -250,6 +250,12 @@ class Data:
                     f"config.{key}={path}: no such file; set BERTJAX_SHARED_DATA to the shared data directory, give "
                     f"--config.{key}=PATH, or switch the measure off with --config.{key.split('.')[0]}.enabled=False"
                 )
+        if config.pos.enabled:
+            skipped = pos.skipped_lines(config.pos.conllu)
+            self.notes.append(
+                f"{config.pos.conllu}: {skipped['multiword_tokens']} multiword-token lines and {skipped['empty_nodes']} empty nodes "
+                "skipped (the syntactic words are scored, as in UD's evaluation)"
+            )
 
     def probe_tasks(self) -> list[str]:
         return [name for name, task in self.config.probes.items() if isinstance(task, ml_collections.ConfigDict) and task.enabled]
@@ -272,17 +278,7 @@ class Data:
         return self._cache[key]
 
     def _conllu(self, path: str, tag_column: int = 3) -> list[tasks.TaggedSentence]:
-        def read():
-            sentences = tasks.read_conllu(path, tag_column)
-            skipped = pos.skipped_lines(path)
-            words = sum(len(sentence.words) for sentence in sentences)
-            self.notes.append(
-                f"{path}: {len(sentences)} sentences, {words} words; {skipped['multiword_tokens']} multiword-token lines and "
-                f"{skipped['empty_nodes']} empty nodes skipped (the syntactic words are scored, as in UD's evaluation)"
-            )
-            return sentences
-
-        return self._once(f"conllu:{path}:{tag_column}", read)
+        return self._once(f"conllu:{path}:{tag_column}", lambda: tasks.read_conllu(path, tag_column))
 
     def pos_sentences(self) -> list[tasks.TaggedSentence]:
         """The whole file: pos.evaluate draws its seeded sample of pos.max_sentences."""
