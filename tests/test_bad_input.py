@@ -66,7 +66,7 @@ CASES = {
         ["{here}/cut.json:1:56: not valid JSON (Expecting value); is the file truncated?"],
     ),
     "finetune: a dev label unseen in train": (
-        SST2 + ["--config.data.train=train.tsv", "--config.data.dev=dev.tsv", "--config.data.text_a=sentence", "--config.model.vocab_size=320"],
+        SST2 + ["--config.data.train=train.tsv", "--config.data.dev=dev.tsv", "--config.data.text_a=sentence", "--config.model.vocab_size=320", "--config.data.dev_split=0"],
         1,
         ["{here}/dev.tsv:2: label 'maybe' does not occur in the training data (data.train has ['0', '1'])"],
     ),
