@@ -9,6 +9,7 @@ import pytest
 
 from bertjax import config as config_lib
 from bertjax import checkpoint_io
+from bertjax.errors import UserError
 from bertjax.train import pretrain
 
 
@@ -85,6 +86,22 @@ def test_kept_schedule_and_index(uninterrupted):
     _, kept = checkpoint_io.load_params(f"{workdir}:1")
     _, final = checkpoint_io.load_params(str(workdir))
     assert not np.allclose(jax.tree.leaves(kept)[0], jax.tree.leaves(final)[0])
+
+
+def test_a_smaller_tokenizer_trains_and_a_larger_one_is_a_one_line_error(shared_data, tmp_path, uninterrupted):
+    """Sentencepiece can fall short of the asked size on a small corpus: the spare embedding rows go unused.
+    A tokenizer with more pieces than the table has ids it cannot look up: refused, naming the value to set."""
+    workdir, _, _ = uninterrupted
+    tokenizer_dir = str(workdir / checkpoint_io.TOKENIZER)
+    roomy = tiny_config(shared_data, total_steps=2)
+    roomy.data.tokenizer = tokenizer_dir
+    roomy.model.vocab_size = 1100
+    assert pretrain.train_and_evaluate(roomy, tmp_path / "roomy")["step"] == 2
+    cramped = tiny_config(shared_data, total_steps=2)
+    cramped.data.tokenizer = tokenizer_dir
+    cramped.model.vocab_size = 900
+    with pytest.raises(UserError, match=r"tokenizer .* has 1000 pieces but config.model.vocab_size=900; set --config.model.vocab_size=1000"):
+        pretrain.train_and_evaluate(cramped, tmp_path / "cramped")
 
 
 def test_same_losses_on_every_mesh(shared_data, tmp_path):

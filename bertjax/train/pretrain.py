@@ -25,7 +25,6 @@ import optax
 
 from bertjax import config as config_lib
 from bertjax import checkpoint_io, models
-from bertjax.errors import UserError
 from bertjax.train import checkpoints as checkpoints_lib
 from bertjax.train import metrics as metrics_lib
 from bertjax.train import optim, partitioning
@@ -263,13 +262,7 @@ def _train(config, workdir: pathlib.Path) -> dict:
         config.data.tokenizer = str(checkpoint_io.tokenizer_path(config.init_from))
         log.info("init_from %s: using its tokenizer %s", config.init_from, config.data.tokenizer)
     tok = tokenizer.for_config(config)
-    # A smaller tokenizer leaves embedding rows unused (the loader logs it; sentencepiece can fall short of
-    # the asked size on a small corpus); a larger one has ids the embedding table cannot look up.
-    if tok.vocab_size > config.model.vocab_size:
-        raise UserError(
-            f"config.model.vocab_size={config.model.vocab_size} but the tokenizer {tok.path} has {tok.vocab_size} pieces; "
-            f"set --config.model.vocab_size={tok.vocab_size}"
-        )
+    # tokenizer.for_config refuses more pieces than model.vocab_size; fewer leave rows unused (the loader logs it).
     if primary:
         tok.save(workdir / checkpoint_io.TOKENIZER)
     train_batches = loader.batches(config, split="train")
