@@ -16,6 +16,7 @@ On a tiny run with 16 kept checkpoints, measures 1-3 take a few minutes on 2 CPU
 import ml_collections
 
 from bertjax import config as config_lib
+from bertjax.embryology import probes as probes_lib
 
 UD = "ud-english-ewt/en_ewt-ud-{}.conllu"
 
@@ -42,18 +43,7 @@ def get_config():
     config.probes = ml_collections.ConfigDict(
         dict(
             enabled=True,
-            # Seeded samples of whole sentences: about this many words for token tasks, sentences for SST-2.
-            max_train_tokens=3000,
-            max_test_tokens=2000,
-            max_train_sentences=1000,
-            max_test_sentences=872,
-            steps=200,  # Adam steps of every probe (all layers at once, from zero weights)
-            learning_rate=0.02,
-            l2=1e-4,
-            batch_size=0,  # 0: full batch
-            seed=0,
-            max_seq_length=128,
-            forward_batch_size=32,
+            **probes_lib.DEFAULTS,  # sample sizes, the probes' optimiser budget, seed (bertjax/embryology/probes.py)
             # Tasks: kind token|sentence; files read by suffix (.conllu, .tsv with text/label header, else CoNLL-2003).
             pos=dict(enabled=True, kind="token", train=config_lib.shared_data_path(UD.format("dev")), test=config_lib.shared_data_path(UD.format("test")), metric="accuracy"),
             ner=dict(

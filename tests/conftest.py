@@ -23,3 +23,16 @@ def shared_data() -> pathlib.Path:
     if not path.is_dir():
         pytest.skip(f"real data sets not found at {path} (set BERTJAX_SHARED_DATA); CI always has them")
     return path
+
+
+@pytest.fixture(scope="module")
+def compilation_cache(tmp_path_factory):
+    """A module whose runs share a program (a resumed run, another mesh) compiles it once."""
+    import jax
+
+    previous = jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    yield
+    jax.config.update("jax_compilation_cache_dir", previous[0])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", previous[1])

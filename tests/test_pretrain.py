@@ -13,15 +13,7 @@ from bertjax.errors import UserError
 from bertjax.train import pretrain
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-    """Runs with the same program (a resumed run, the 8x1x1 mesh) compile it once."""
-    previous = jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    yield
-    jax.config.update("jax_compilation_cache_dir", previous[0])
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", previous[1])
+pytestmark = pytest.mark.usefixtures("compilation_cache")
 
 
 def tiny_config(shared_data, **train):

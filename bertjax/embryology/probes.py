@@ -34,11 +34,12 @@ KINDS = ("token", "sentence")
 METRICS = ("accuracy", "entity_f1")
 # The probes config's keys (configs/embryology.py sets them; a key it lacks takes this value).
 DEFAULTS = dict(
+    # Seeded samples of whole sentences: about this many words for token tasks, sentences for SST-2.
     max_train_tokens=3000,
     max_test_tokens=2000,
     max_train_sentences=1000,
     max_test_sentences=872,
-    steps=200,
+    steps=200,  # Adam steps of every probe (all layers at once, from zero weights)
     learning_rate=0.02,
     l2=1e-4,
     batch_size=0,  # 0: full batch
