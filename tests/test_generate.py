@@ -1,0 +1,118 @@
+"""Greedy and beam search (bertjax.models.generate): on a toy table model against exhaustive search, then
+on the seq2seq model against an uncached forward pass and HuggingFace BART's `generate`."""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bertjax.models import generate
+
+EOS, PAD, START = 0, 1, 2
+
+
+def toy_table(vocab: int, seed: int, eos_bias: float = 0.0) -> np.ndarray:
+    """Logits of the next token given the previous two: [vocab, vocab, vocab]."""
+    table = np.random.default_rng(seed).normal(size=(vocab, vocab, vocab)).astype(np.float32) * 2.0
+    table[..., EOS] += eos_bias
+    return table
+
+
+def toy_step(table: jax.Array):
+    """A step function whose cache holds each row's previous token (and a scalar the search must not
+    reorder): beam search that failed to reorder the cache would score continuations of the wrong beam."""
+
+    def step(tokens, cache, position):
+        logits = table[cache["previous"], tokens[:, 0]]
+        return logits, {"previous": tokens[:, 0], "calls": cache["calls"] + 1}
+
+    return step
+
+
+def toy_cache(rows: int):
+    return {"previous": jnp.full((rows,), START, jnp.int32), "calls": jnp.int32(0)}
+
+
+def exhaustive_best(table: np.ndarray, max_length: int, length_penalty: float) -> tuple[list[int], float]:
+    """The best complete sequence (ended by EOS or cut at max_length) by sum(log p) / generated ** penalty."""
+    log_probs = np.asarray(jax.nn.log_softmax(jnp.asarray(table), axis=-1), np.float64)
+    vocab = table.shape[0]
+    best, best_score = None, -math.inf
+    for generated in range(1, max_length):
+        for tail in itertools.product(range(vocab), repeat=generated):
+            if EOS in tail[:-1] or (generated < max_length - 1 and tail[-1] != EOS):
+                continue
+            sequence, total = [START, *tail], 0.0
+            for i in range(1, len(sequence)):
+                previous = sequence[i - 2] if i >= 2 else START
+                total += log_probs[previous, sequence[i - 1], sequence[i]]
+            score = total / generated**length_penalty
+            if score > best_score:
+                best, best_score = sequence, score
+    return best, best_score
+
+
+@functools.partial(jax.jit, static_argnames=("kind", "batch", "max_length", "options"))
+def _search(table, kind, batch, max_length, options):
+    options = dict(options)
+    starts = jnp.full((batch,), START, jnp.int32)
+    function = generate.greedy if kind == "greedy" else generate.beam_search
+    cache = toy_cache(batch * options.get("beams", 1))
+    return function(toy_step(table), cache, starts, max_length=max_length, eos_id=EOS, pad_id=PAD, **options)
+
+
+def search(kind, table, batch, max_length, **options):
+    tokens, lengths = _search(jnp.asarray(table), kind, batch, max_length, tuple(sorted(options.items())))
+    return np.asarray(tokens), np.asarray(lengths)
+
+
+@pytest.mark.parametrize("length_penalty", [0.0, 1.0, 2.0])
+def test_beam_search_finds_the_exhaustive_best(length_penalty):
+    """Three tokens and EOS, up to 4 generated: a beam as wide as every candidate of every step makes
+    HF's beam search exact, so it must return the exhaustive optimum (EOS hypotheses kept while later
+    steps run on, the length penalty as HF applies it)."""
+    max_length = 5
+    for seed in range(4):
+        table = toy_table(4, seed, eos_bias=0.5)
+        best, _ = exhaustive_best(table, max_length, length_penalty)
+        tokens, lengths = search("beam", table, 2, max_length, beams=3**3 * 4, length_penalty=length_penalty, early_stopping="never")
+        for row in range(2):
+            assert lengths[row] == len(best)
+            assert tokens[row, : len(best)].tolist() == best
+            assert (tokens[row, len(best) :] == PAD).all()
+
+
+def test_beam_one_equals_greedy():
+    for seed in range(6):
+        table = toy_table(7, seed, eos_bias=1.0)
+        greedy_tokens, greedy_lengths = search("greedy", table, 3, 12)
+        beam_tokens, beam_lengths = search("beam", table, 3, 12, beams=1)
+        np.testing.assert_array_equal(beam_tokens, greedy_tokens)
+        np.testing.assert_array_equal(beam_lengths, greedy_lengths)
+
+
+def test_greedy_stops_at_eos_and_pads_after_it():
+    table = toy_table(5, 0)
+    table[:, :, EOS] = -10.0
+    table[:, 3, EOS] = 10.0  # EOS right after the first 3
+    table[START, START, :] = -10.0
+    table[START, START, 4] = 10.0  # START -> 4 -> 3 -> EOS
+    table[START, 4, :] = -10.0
+    table[START, 4, 3] = 10.0
+    tokens, lengths = search("greedy", table, 2, 8)
+    assert tokens[0].tolist() == [START, 4, 3, EOS, PAD, PAD, PAD, PAD]
+    assert lengths.tolist() == [4, 4]
+
+
+def test_min_length_forbids_an_early_eos():
+    table = toy_table(5, 1, eos_bias=20.0)  # EOS is always the most likely
+    for kind, kwargs in (("greedy", {}), ("beam", {"beams": 3})):
+        tokens, lengths = search(kind, table, 1, 8, min_length=4, **kwargs)
+        # HF's meaning: no EOS while the sequence (start token included) is shorter than min_length
+        assert lengths[0] == 5 and tokens[0, 4] == EOS and EOS not in tokens[0, 1:4].tolist(), kind
