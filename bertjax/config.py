@@ -37,6 +37,9 @@ SCHEDULES = ("linear", "polynomial", "cosine", "constant")
 ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "auto")
 REGIMES = ("full", "freeze_bottom", "features")
 FEATURES = ("last", "sum_last4", "concat_last4", "scalar_mix")
+# BART's corruptions (bertjax/data/noising.py) and the rate each gets when switched on by name.
+CORRUPTIONS = ("masking", "deletion", "infilling", "permutation", "rotation")
+CORRUPTION_RATES = dict(masking=0.3, deletion=0.3, infilling=0.3, permutation=1.0, rotation=1.0)
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 DEFAULT_PRETRAIN_CONFIG = f"{REPO_ROOT / 'configs' / 'pretrain.py'}:tiny"
@@ -111,6 +114,31 @@ def data_config() -> ml_collections.ConfigDict:
                 eval_rate=0.15,
             ),
         )
+    )
+
+
+def noising_config(*corruptions: str) -> ml_collections.ConfigDict:
+    """`config.data.noising` for seq2seq denoising with `corruptions` on (default: BART's best,
+    text infilling + sentence permutation) and the others off. Each key is a rate, 0 = off; the
+    token corruptions take disjoint shares, so masking + deletion + infilling <= 1. See
+    bertjax/data/noising.py for what each does and where it deviates from fairseq's BART."""
+    corruptions = corruptions or ("infilling", "permutation")
+    unknown = [name for name in corruptions if name not in CORRUPTIONS]
+    if unknown:
+        raise ConfigError(f"unknown corruption {unknown[0]!r}; choose from {CORRUPTIONS}")
+    return ml_collections.ConfigDict(
+        dict(
+            # Fractions of a document's units (words, or tokens without whole_word):
+            masking=0.0,  # each token of a chosen unit becomes [MASK]
+            deletion=0.0,  # chosen units are removed
+            infilling=0.0,  # covered by spans of Poisson(poisson_lambda) units, each span -> one [MASK] (BART: 0.3)
+            poisson_lambda=3.0,
+            permutation=0.0,  # fraction of sentences shuffled among their places (BART: 1.0)
+            rotation=0.0,  # probability that a document is rotated to start at a random token
+            whole_word=True,  # units are words, as BART masks whole GPT-2 words; False: tokens
+            mask_random=0.0,  # each [MASK] becomes a random token with this probability (BART's runs: 0.1)
+        )
+        | {name: CORRUPTION_RATES[name] for name in corruptions}
     )
 
 
@@ -270,6 +298,10 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         )
         _check(mk.span_mean >= 1.0, "data.masking.span_mean", mk.span_mean, "must be at least 1")
         _check(mk.span_max >= 1, "data.masking.span_max", mk.span_max, "must be at least 1")
+    if "data" in config and "noising" in config.data:
+        from bertjax.data import noising  # its spec holds the rules: one home for them
+
+        noising.NoisingSpec.from_config(config)
     if "train" in config:
         _positive(config, "train.batch_size", "train.total_steps")
         if "grad_accum_steps" in config.train:
