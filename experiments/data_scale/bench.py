@@ -1,0 +1,560 @@
+"""How do the pretraining pipeline's preparation time and memory grow with the text? (issue 12)
+
+  python experiments/data_scale/bench.py --quick                      # 5 MB, baseline and HEAD (~2 min)
+  python experiments/data_scale/bench.py                              # 5, 20, 80 MB
+  python experiments/data_scale/bench.py --sizes 5,20,80,320,1280     # up to 1.3 GB (tens of minutes)
+  python experiments/data_scale/bench.py --versions baseline          # the baseline alone
+
+For each size of text and each code version it runs the CLI as a user runs it, in a fresh child each time:
+
+  bertjax data stats --config TREE/configs/pretrain.py:tiny --config.data.corpus=TEXT
+      --config.data.tokenizer=MODEL --config.data.data_dir=DIR --batches 20
+
+once with DIR empty (cold: tokenize and store the corpus) and once again (warm: read it back), and then
+times `bertjax.data.batches` at length 128 with token masking through each version's own
+experiments/data_throughput/run.py (its `build_config` and `time_loader`, imported, not copied).
+
+The versions are the baseline (commit 87da076, before issue 12's work) and the new code (`--new`, a
+commit, default HEAD), each extracted with `git archive` into the scratch directory and run with
+PYTHONPATH pointing at it, so neither is affected by uncommitted edits in the working tree
+(`--new-tree PATH` measures a directory as it is instead). Both run in the same invocation,
+interleaved size by size, so their ratios are measured under the same load.
+
+What is measured:
+  - preparation seconds: the time `data stats` spends before its first batch (inside
+    `bertjax.data.inspect.stats`, less the batches it times itself), read by a launcher that calls
+    `bertjax.cli.main` with the same arguments and puts a clock around that one function: the
+    interpreter's and libraries' start-up, the same for every size, is left out (the command's whole
+    wall time and CPU seconds are in the JSON rows too);
+  - peak RSS: the child's `ru_maxrss` (from `os.wait4`, it covers its waited-for descendants), or the
+    sum of the proportional set sizes (Pss) of the child's process tree sampled every 0.25 s, whichever
+    is larger: with worker processes the machine holds their sum, which `ru_maxrss` (a maximum over
+    single processes) would not show;
+  - tokens: what the text holds under the fixed tokenizer, counted independently with sentencepiece at
+    generation time (and checked against the pipeline's own count where its log gives one).
+
+The text is built from the real corpora in $BERTJAX_SHARED_DATA/corpus (two Gutenberg books and
+WikiText-2 valid/test, 4.4 MB), split into 322 documents of sentences by the baseline's own parser and
+written one sentence a line with a blank line between documents (BERT's format); repetition r writes
+the documents in the order of a permutation seeded with r, until the size (MB = 10^6 bytes) is reached.
+The 8k unigram sentencepiece model is trained once on the same four files with the baseline's
+`bertjax tokenizer train`. Text, model and baseline tree are kept in --scratch and reused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import json
+import os
+import pathlib
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+BASELINE = "87da076"
+SIZES_MB = (5, 20, 80, 320, 1280)
+SOURCES = ("moby-dick.txt", "pride-and-prejudice.txt", "wikitext-2-valid.tokens.txt", "wikitext-2-test.tokens.txt")
+VOCAB_SIZE = 8192
+TARGET_GB = 20  # the extrapolation: BERT's 3.3 B words are about 20 GB of text
+GIB = 1 << 30
+
+
+# ---- inputs: baseline tree, tokenizer, text ----
+
+
+def shared_corpus() -> list[pathlib.Path]:
+    root = pathlib.Path(os.environ.get("BERTJAX_SHARED_DATA", REPO.parent / "shared" / "data")) / "corpus"
+    files = [root / name for name in SOURCES]
+    missing = [str(f) for f in files if not f.exists()]
+    if missing:
+        sys.exit(f"bench.py: {', '.join(missing)} not found: set BERTJAX_SHARED_DATA to the shared data directory")
+    return files
+
+
+def extracted(scratch: pathlib.Path, rev: str) -> pathlib.Path:
+    """The tree of commit `rev`, extracted once under scratch (git archive: no working-tree edits)."""
+    sha = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", rev], check=True, capture_output=True, text=True).stdout.strip()
+    tree = scratch / f"tree_{sha}"
+    if not (tree / "bertjax").exists():
+        partial = scratch / f".tree_{sha}.partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+        archive = subprocess.run(["git", "-C", str(REPO), "archive", sha], check=True, capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(partial)], input=archive, check=True)
+        partial.rename(tree)
+    return tree
+
+
+def child_env(tree: pathlib.Path) -> dict:
+    env = dict(os.environ, PYTHONPATH=str(tree), JAX_PLATFORMS="cpu", BERTJAX_VERBOSE="1")
+    env.pop("BERTJAX_DATA_DIR", None)
+    return env
+
+
+def tokenizer_model(scratch: pathlib.Path, baseline: pathlib.Path) -> pathlib.Path:
+    out = scratch / "tokenizer_8k"
+    model = out / "tokenizer.model"
+    if not model.exists():
+        print(f"training the fixed {VOCAB_SIZE}-piece tokenizer on the real corpus -> {out}", flush=True)
+        command = [sys.executable, "-m", "bertjax", "tokenizer", "train", "--input", *map(str, shared_corpus())]
+        subprocess.run([*command, "--vocab-size", str(VOCAB_SIZE), "--out", str(out)], env=child_env(baseline), check=True, capture_output=True)
+    return model
+
+
+def document_pool(scratch: pathlib.Path, baseline: pathlib.Path, model: pathlib.Path) -> list[dict]:
+    """The real corpus as documents: [{"text": sentences, one a line, "tokens": n}], parsed once."""
+    path = scratch / "documents.json"
+    if not path.exists():
+        command = [sys.executable, __file__, "_pool", str(path), str(model), *map(str, shared_corpus())]
+        subprocess.run(command, env=child_env(baseline), check=True)
+    return json.loads(path.read_text())
+
+
+def _pool_child(out: str, model: str, *files: str) -> None:
+    """Run with the baseline on PYTHONPATH: its parser splits each file into documents of sentences."""
+    import sentencepiece as spm
+
+    from bertjax.data import corpus
+
+    processor = spm.SentencePieceProcessor(model_file=model)
+    pool = []
+    for file in files:
+        for document in corpus.parse(corpus.read_text(file), "auto", file):
+            tokens = sum(len(ids) for ids in processor.encode(document))
+            pool.append({"text": "".join(sentence + "\n" for sentence in document) + "\n", "tokens": tokens})
+    partial = pathlib.Path(out + ".partial")
+    partial.write_text(json.dumps(pool))
+    partial.rename(out)
+
+
+def text(scratch: pathlib.Path, pool: list[dict], megabytes: float) -> tuple[pathlib.Path, dict]:
+    """`megabytes` of text: repetition r is every document, in the order of a permutation seeded with r."""
+    import numpy as np
+
+    name = f"text_{megabytes:g}MB"
+    path, info_path = scratch / f"{name}.txt", scratch / f"{name}.json"
+    if not info_path.exists():
+        target = int(megabytes * 1e6)
+        encoded = [document["text"].encode() for document in pool]
+        info = dict(bytes=0, documents=0, tokens=0, repetitions=0)
+        with open(path, "wb") as f:
+            while info["bytes"] < target:
+                for index in np.random.default_rng(info["repetitions"]).permutation(len(pool)):
+                    f.write(encoded[index])
+                    info["bytes"] += len(encoded[index])
+                    info["documents"] += 1
+                    info["tokens"] += pool[index]["tokens"]
+                    if info["bytes"] >= target:
+                        break
+                info["repetitions"] += 1
+        info_path.write_text(json.dumps(info))
+    return path, json.loads(info_path.read_text())
+
+
+# ---- measurement ----
+
+
+def _descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    tree, frontier = [pid], [pid]
+    while frontier:
+        frontier = [child for parent in frontier for child in children.get(parent, [])]
+        tree += frontier
+    return tree
+
+
+def _pss_bytes(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def measure(command: list[str], env: dict, log: pathlib.Path) -> dict:
+    """Wall seconds and peak memory (bytes) of one fresh child running `command`; its output goes to `log`."""
+    tree_peak = [0]
+    done = threading.Event()
+
+    def sample(pid):
+        while not done.wait(0.25):
+            tree = _descendants(pid)
+            if len(tree) > 1:  # one process: ru_maxrss is exact
+                tree_peak[0] = max(tree_peak[0], sum(map(_pss_bytes, tree)))
+
+    with open(log, "w") as out:
+        start = time.perf_counter()
+        process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=env["PYTHONPATH"])
+        sampler = threading.Thread(target=sample, args=(process.pid,), daemon=True)
+        sampler.start()
+        _, status, usage = os.wait4(process.pid, 0)
+        seconds = time.perf_counter() - start
+        process.returncode = os.waitstatus_to_exitcode(status)
+        done.set()
+        sampler.join()
+    if process.returncode:
+        tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-15:])
+        raise RuntimeError(f"{' '.join(command)} exited with {process.returncode}; the end of {log}:\n{tail}")
+    return dict(
+        seconds=seconds,
+        cpu_seconds=usage.ru_utime + usage.ru_stime,
+        peak_rss=max(usage.ru_maxrss * 1024, tree_peak[0]),
+        ru_maxrss=usage.ru_maxrss * 1024,
+        tree_pss=tree_peak[0],
+    )
+
+
+def stats_command(timing: pathlib.Path, tree: pathlib.Path, corpus: pathlib.Path, model: pathlib.Path, data_dir: pathlib.Path, batches: int) -> list[str]:
+    """`bertjax data stats ...` through `_stats_child`, which writes the preparation seconds to `timing`."""
+    return [
+        sys.executable,
+        __file__,
+        "_stats",
+        str(timing),
+        "data",
+        "stats",
+        f"--config={tree}/configs/pretrain.py:tiny",
+        f"--config.data.corpus={corpus}",
+        f"--config.data.tokenizer={model}",
+        f"--config.data.data_dir={data_dir}",
+        f"--batches={batches}",
+    ]
+
+
+def logged_tokens(log: pathlib.Path) -> int | None:
+    """The pipeline's own token count, where its log says '(N tokens)' per split (the baseline does)."""
+    counts = [int(n) for n in re.findall(r"\((\d+) tokens\)", log.read_text(errors="replace"))]
+    return sum(counts) or None
+
+
+def _stats_child(timing: str, *argv: str) -> None:
+    """`bertjax ARGV` (the CLI's own main), timing the preparation inside `data stats`.
+
+    `inspect.stats` prepares the corpus (or reads it back), then times its batches itself: what it
+    spends before them is the preparation (cold) or the start (warm) this size of text costs. The clock
+    is put around it when the CLI imports the module, not before: importing it first would change the
+    import order (a library's import-time warning would configure logging before the CLI does).
+    """
+    import importlib.abc
+
+    def timed(stats):
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            result = stats(*args, **kwargs)
+            total = time.perf_counter() - start
+            iteration = result["batches"] / result["batches_per_second"]
+            pathlib.Path(timing).write_text(json.dumps({"preparation_seconds": total - iteration, "batches_seconds": iteration}))
+            return result
+
+        return wrapper
+
+    class Hook(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path, target=None):
+            if name != "bertjax.data.inspect":
+                return None
+            sys.meta_path.remove(self)
+            spec = importlib.util.find_spec(name)
+            execute = spec.loader.exec_module
+
+            def exec_module(module):
+                execute(module)
+                module.stats = timed(module.stats)
+
+            spec.loader.exec_module = exec_module
+            return spec
+
+    sys.meta_path.insert(0, Hook())
+    from bertjax import cli
+
+    sys.exit(cli.main(list(argv)))
+
+
+def _loader_child(tree: str, corpus: str, model: str, data_dir: str, batches: str) -> None:
+    """Run with `tree` on PYTHONPATH: that version's data_throughput timing at length 128, token masking."""
+    spec = importlib.util.spec_from_file_location("data_throughput_run", pathlib.Path(tree) / "experiments" / "data_throughput" / "run.py")
+    run = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run)
+    config = run.build_config(argparse.Namespace(corpus=corpus, batch_size=256, batches=int(batches)))
+    config.data.tokenizer = model
+    config.data.data_dir = data_dir
+    print(json.dumps({"sequences_per_second": run.time_loader(config, int(batches))}))
+
+
+class Version:
+    """One code version (a tree on PYTHONPATH), measured size by size."""
+
+    def __init__(self, name: str, tree: pathlib.Path, label: str, scratch: pathlib.Path, model: pathlib.Path, args):
+        self.name, self.tree, self.label, self.scratch, self.model, self.args = name, tree, label, scratch, model, args
+        self.env = child_env(tree)
+        self.logs = scratch / "logs" / f"{name}_{tree.name}"
+        self.logs.mkdir(parents=True, exist_ok=True)
+
+    def _stats(self, corpus: pathlib.Path, data_dir: pathlib.Path, name: str) -> dict:
+        timing = self.logs / f"{name}.json"
+        timing.unlink(missing_ok=True)
+        result = measure(stats_command(timing, self.tree, corpus, self.model, data_dir, self.args.batches), self.env, self.logs / f"{name}.log")
+        return dict(result, **json.loads(timing.read_text()))
+
+    def measure_size(self, megabytes: float, corpus: pathlib.Path, info: dict, repeats: int) -> dict:
+        """Cold `data stats` on an empty data_dir, warm again, then the loader, `repeats` times.
+
+        Seconds are the least of the repeats and loader rates the greatest (what the code does when
+        the shared machine lets it), peak RSS the greatest. The cache is removed after each (GBs).
+        """
+        tag = f"{megabytes:g}MB"
+        data_dir = self.scratch / "cache" / f"{self.name}_{tag}"
+        runs, load = [], os.getloadavg()[0]
+        for repeat in range(repeats):
+            shutil.rmtree(data_dir, ignore_errors=True)
+            cold = self._stats(corpus, data_dir, f"{tag}_cold{repeat}")
+            warm = self._stats(corpus, data_dir, f"{tag}_warm{repeat}")
+            loader_log = self.logs / f"{tag}_loader{repeat}.log"
+            command = [sys.executable, __file__, "_loader", str(self.tree), str(corpus), str(self.model), str(data_dir), str(self.args.loader_batches)]
+            loader = measure(command, self.env, loader_log)
+            loader["rate"] = json.loads(loader_log.read_text().strip().splitlines()[-1])["sequences_per_second"]
+            shutil.rmtree(data_dir, ignore_errors=True)
+            runs.append(dict(cold=cold, warm=warm, loader=loader))
+        row = dict(
+            version=self.name,
+            code=self.label,
+            megabytes=megabytes,
+            text_bytes=info["bytes"],
+            documents=info["documents"],
+            tokens=info["tokens"],
+            pipeline_tokens=logged_tokens(self.logs / f"{tag}_cold0.log"),
+            repeats=repeats,
+            load_average_before=load,
+        )
+        for phase in ("cold", "warm"):
+            results = [run[phase] for run in runs]
+            row.update(
+                {
+                    f"{phase}_seconds": min(r["preparation_seconds"] for r in results),
+                    f"{phase}_peak_rss": max(r["peak_rss"] for r in results),
+                    f"{phase}_seconds_each": [r["preparation_seconds"] for r in results],
+                    f"{phase}_wall_seconds_each": [r["seconds"] for r in results],
+                    f"{phase}_cpu_seconds_each": [r["cpu_seconds"] for r in results],
+                    f"{phase}_ru_maxrss_each": [r["ru_maxrss"] for r in results],
+                    f"{phase}_tree_pss_each": [r["tree_pss"] for r in results],
+                }
+            )
+        row.update(
+            loader_sequences_per_second=max(run["loader"]["rate"] for run in runs),
+            loader_sequences_per_second_each=[run["loader"]["rate"] for run in runs],
+            loader_batches=self.args.loader_batches,
+            loader_peak_rss=max(run["loader"]["peak_rss"] for run in runs),
+        )
+        return row
+
+
+# ---- report ----
+
+
+def _size(megabytes: float) -> str:
+    return f"{megabytes / 1000:.2g} GB" if megabytes >= 1000 else f"{megabytes:g} MB"
+
+
+def _gib(n: float) -> str:
+    return f"{n / GIB:.2f}"
+
+
+def table(rows: list[dict]) -> str:
+    by = {(r["version"], r["megabytes"]): r for r in rows}
+    versions = [v for v in ("baseline", "new") if any(r["version"] == v for r in rows)]
+    lines = []
+    for version in versions:
+        code = next(r["code"] for r in rows if r["version"] == version)
+        lines += [
+            f"**{version}** ({code})",
+            "",
+            "| text | tokens | cold preparation s | cold peak RSS GiB | warm start s | warm peak RSS GiB | loader seq/s (128, token masking) |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in sorted((r for r in rows if r["version"] == version), key=lambda r: r["megabytes"]):
+            lines.append(
+                f"| {_size(r['megabytes'])} | {r['tokens'] / 1e6:.1f} M | {r['cold_seconds']:.1f} | {_gib(r['cold_peak_rss'])} | "
+                f"{r['warm_seconds']:.1f} | {_gib(r['warm_peak_rss'])} | {r['loader_sequences_per_second']:,.0f} |"
+            )
+        lines.append("")
+    if len(versions) == 2:
+        lines += [
+            "**new / baseline**",
+            "",
+            "| text | cold preparation s | cold peak RSS | warm start s | warm peak RSS | loader seq/s |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        for megabytes in sorted({r["megabytes"] for r in rows}):
+            old, new = by.get(("baseline", megabytes)), by.get(("new", megabytes))
+            if old and new:
+                ratios = [new[k] / old[k] if old[k] > 0 else float("nan") for k in ("cold_seconds", "cold_peak_rss", "warm_seconds", "warm_peak_rss", "loader_sequences_per_second")]
+                lines.append(f"| {_size(megabytes)} | " + " | ".join(f"{x:.2f}" for x in ratios) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _fit(xs: list[float], ys: list[float]) -> tuple[float, float]:
+    """Least-squares line y = a + b x through two or more distinct x."""
+    n = len(xs)
+    mx, my = sum(xs) / n, sum(ys) / n
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+    return my - slope * mx, slope
+
+
+def extrapolation(rows: list[dict]) -> str:
+    """Lines through the measured sizes, evaluated at 20 GB of text."""
+    lines = [
+        f"**Extrapolated to {TARGET_GB} GB of text** (least-squares lines through the sizes above)",
+        "",
+        f"| code | tokens at {TARGET_GB} GB | RSS bytes/token cold | RSS bytes/token warm | cold s/MB | warm s/MB | cold peak RSS | warm peak RSS | cold preparation | warm start |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for version in ("baseline", "new"):
+        mine = [r for r in rows if r["version"] == version]
+        if len({r["megabytes"] for r in mine}) < 2:
+            lines.append(f"| {version} | (a line needs two sizes or more) |" + " |" * 8)
+            continue
+        tokens_per_byte = sum(r["tokens"] for r in mine) / sum(r["text_bytes"] for r in mine)
+        tokens = TARGET_GB * 1e9 * tokens_per_byte
+        out = []
+        for key in ("cold_peak_rss", "warm_peak_rss"):
+            intercept, slope = _fit([r["tokens"] for r in mine], [r[key] for r in mine])
+            out.append((slope, intercept + slope * tokens))
+        times = []
+        for key in ("cold_seconds", "warm_seconds"):
+            intercept, slope = _fit([r["megabytes"] for r in mine], [r[key] for r in mine])
+            times.append((slope, intercept + slope * TARGET_GB * 1000))
+        lines.append(
+            f"| {version} | {tokens / 1e9:.1f} B | {out[0][0]:.1f} | {out[1][0]:.1f} | {times[0][0]:.3f} | {times[1][0]:.3f} | "
+            f"{out[0][1] / GIB:.1f} GiB | {out[1][1] / GIB:.1f} GiB | {times[0][1] / 60:.0f} min | {times[1][1] / 60:.1f} min |"
+        )
+    lines.append("")
+    return "\n".join(lines)
+
+
+def bars(rows: list[dict]) -> str:
+    """Issue 12's bars, on the new code (the baseline measured in the same run where a bar is relative)."""
+    by = {(r["version"], r["megabytes"]): r for r in rows}
+    new = sorted((r for r in rows if r["version"] == "new"), key=lambda r: r["megabytes"])
+    results = []
+
+    def verdict(ok):
+        return "n/a" if ok is None else ("PASS" if ok else "FAIL")
+
+    at320 = by.get(("new", 320))
+    results.append(("at 320 MB, cold peak RSS <= 1 GiB", verdict(at320 and at320["cold_peak_rss"] <= GIB), at320 and f"{_gib(at320['cold_peak_rss'])} GiB"))
+    results.append(("at 320 MB, warm start <= 2 s", verdict(at320 and at320["warm_seconds"] <= 2.0), at320 and f"{at320['warm_seconds']:.1f} s"))
+    both = [m for m in sorted({r["megabytes"] for r in new}) if ("baseline", m) in by]
+    if both:
+        largest = both[-1]
+        speedup = (by[("baseline", largest)]["cold_seconds"] / by[("new", largest)]["cold_seconds"]) if by[("new", largest)]["cold_seconds"] > 0 else float("inf")
+        results.append((f"cold preparation throughput >= 2x baseline (at {_size(largest)})", verdict(speedup >= 2), f"{speedup:.2f}x"))
+    else:
+        results.append(("cold preparation throughput >= 2x baseline", "n/a", None))
+    flat = [r for r in new if r["megabytes"] >= 80]
+    if flat:
+        peaks = [max(r["cold_peak_rss"], r["warm_peak_rss"]) for r in flat]
+        spread = max(peaks) / peaks[0]
+        complete = flat[-1]["megabytes"] >= 1280
+        label = f"peak RSS flat within 20% from 80 MB to 1.3 GB ({_size(flat[0]['megabytes'])}..{_size(flat[-1]['megabytes'])})"
+        results.append((label, verdict(spread <= 1.2) + ("" if complete else " (partial: 1.3 GB not measured)"), f"max/at 80 MB = {spread:.2f}"))
+    else:
+        results.append(("peak RSS flat within 20% from 80 MB to 1.3 GB", "n/a", None))
+    if both:
+        old_rate = sum(by[("baseline", m)]["loader_sequences_per_second"] for m in both) / len(both)
+        new_rate = sum(by[("new", m)]["loader_sequences_per_second"] for m in both) / len(both)
+        results.append(
+            (
+                "loader throughput at 128 no lower than baseline (mean over sizes, 5% allowed for a shared machine)",
+                verdict(new_rate >= 0.95 * old_rate),
+                f"{new_rate:,.0f} vs {old_rate:,.0f} seq/s ({new_rate / old_rate:.2f}x)",
+            )
+        )
+    lines = ["**Issue 12's bars** (new code)", "", "| bar | result | measured |", "|---|---|---|"]
+    lines += [f"| {bar} | {result} | {measured or ''} |" for bar, result, measured in results]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="5,20,80", help=f"MB of text, comma-separated, from {SIZES_MB} (any number works)")
+    parser.add_argument("--quick", action="store_true", help="5 MB only: a check that the script runs (about 2 minutes)")
+    parser.add_argument("--versions", default="baseline,new", help="baseline,new (default) or one of them")
+    parser.add_argument("--new", default="HEAD", help="the commit measured as the new code")
+    parser.add_argument("--new-tree", default="", help="measure this directory as it is (uncommitted edits included) instead of --new")
+    parser.add_argument("--scratch", default="/tmp/bertjax_data_scale", help="text, tokenizer, trees, caches and logs (never the repo)")
+    parser.add_argument("--repeats", type=int, default=1, help="measure each size below 320 MB this many times (best of)")
+    parser.add_argument("--batches", type=int, default=20, help="`data stats --batches`")
+    parser.add_argument("--loader-batches", type=int, default=100, help="batches of 256 timed for loader throughput")
+    parser.add_argument(
+        "--with",
+        dest="earlier",
+        action="append",
+        default=[],
+        help="a results JSON of an earlier run whose rows join the report (a version and size measured now replaces its row)",
+    )
+    parser.add_argument("--json", default="", help="also write the rows here (default: SCRATCH/results/TIME.json)")
+    args = parser.parse_args(argv)
+    sizes = [5.0] if args.quick else [float(s) for s in args.sizes.split(",")]
+    names = [v.strip() for v in args.versions.split(",")]
+    scratch = pathlib.Path(args.scratch).resolve()
+    scratch.mkdir(parents=True, exist_ok=True)
+
+    baseline_tree = extracted(scratch, BASELINE)
+    model = tokenizer_model(scratch, baseline_tree)
+    pool = document_pool(scratch, baseline_tree, model)
+    versions = []
+    if "baseline" in names:
+        versions.append(Version("baseline", baseline_tree, f"commit {BASELINE}", scratch, model, args))
+    if "new" in names:
+        if args.new_tree:
+            tree = pathlib.Path(args.new_tree).resolve()
+            versions.append(Version("new", tree, f"working tree {tree}", scratch, model, args))
+        else:
+            tree = extracted(scratch, args.new)
+            versions.append(Version("new", tree, f"commit {tree.name.removeprefix('tree_')}", scratch, model, args))
+
+    rows = []
+    for megabytes in sizes:  # one size at a time, both versions back to back
+        corpus, info = text(scratch, pool, megabytes)
+        for version in versions:
+            row = version.measure_size(megabytes, corpus, info, args.repeats if megabytes < 320 else 1)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    out = pathlib.Path(args.json) if args.json else scratch / "results" / f"{stamp}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(dict(when=stamp, argv=sys.argv[1:], cpu_count=os.cpu_count(), rows=rows), indent=1))
+    measured = {(r["version"], r["megabytes"]) for r in rows}
+    for earlier in args.earlier:
+        rows += [r for r in json.loads(pathlib.Path(earlier).read_text())["rows"] if (r["version"], r["megabytes"]) not in measured]
+    print()
+    print(table(rows))
+    print(extrapolation(rows))
+    if any(r["version"] == "new" for r in rows):
+        print(bars(rows))
+    print(f"rows written to {out}; load average now {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+
+
+if __name__ == "__main__":
+    children = {"_pool": _pool_child, "_stats": _stats_child, "_loader": _loader_child}
+    if len(sys.argv) > 1 and sys.argv[1] in children:
+        children[sys.argv[1]](*sys.argv[2:])
+    else:
+        main()
