@@ -222,7 +222,7 @@ def test_prepare_tokenizes_once_caches_and_holds_out_documents(tmp_path, caplog)
     train_texts = {" ".join(d) for d in documents}
     for split in ("train", "eval"):
         docs = prepared[split]
-        for d in range(docs.num_documents):
+        for d in docs.ids:
             sentences = [
                 tok.decode(docs.tokens[docs.sentence_offsets[s] : docs.sentence_offsets[s + 1]])
                 for s in range(docs.document_offsets[d], docs.document_offsets[d + 1])

@@ -161,6 +161,8 @@ def test_nsp_on_one_document_is_an_error_not_a_one_label_split():
 
 def test_the_eval_split_holds_two_documents_so_nsp_has_negatives():
     documents = [[f"document {i} sentence {j}." for j in range(3)] for i in range(40)]
-    assert corpus._eval_choice(documents, 0.01).sum() == 2
-    assert corpus._eval_choice(documents, 0.25).sum() == 10
-    assert corpus._eval_choice(documents[:3], 0.01).sum() == 1
+    digests = [corpus.document_hash(document) for document in documents]
+    assert len(set(digests)) == 40
+    assert corpus._eval_choice(digests, 0.01).sum() == 2
+    assert corpus._eval_choice(digests, 0.25).sum() == 10
+    assert corpus._eval_choice(digests[:3], 0.01).sum() == 1

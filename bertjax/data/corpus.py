@@ -42,11 +42,13 @@ the order or number of files).
 from __future__ import annotations
 
 import ast
+import codecs
 import collections
 import dataclasses
 import functools
 import glob
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -57,7 +59,7 @@ import shutil
 import sys
 import sysconfig
 import tempfile
-from typing import Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import tqdm
@@ -123,52 +125,138 @@ def binary_reason(sample: bytes) -> str | None:
     return None
 
 
-def _decode_legacy(raw: bytes) -> tuple[str, str]:
-    try:
-        return raw.decode("cp1252"), "Windows-1252"
-    except UnicodeDecodeError:  # bytes cp1252 leaves undefined (0x81, 0x8d, ...): Latin-1 maps every byte
-        return raw.decode("latin-1"), "Latin-1"
+_BLOCK_BYTES = 1 << 22
+# Text is parsed and tokenized in chunks of about this many characters, cut at a blank line where possible.
+CHUNK_CHARS = 1 << 22
+_GUTENBERG_START_BYTES = re.compile(rb"^\*\*\* ?START OF (THIS|THE) PROJECT GUTENBERG", re.MULTILINE)
 
 
-def read_text(path) -> str:
-    """A file's text with line ends normalised to \\n; a binary file is refused with a CorpusError.
+@dataclasses.dataclass(frozen=True)
+class _Encoding:
+    """How a file decodes (a codec and its error handler) and whether it holds a Project Gutenberg START line."""
+
+    codec: str
+    errors: str
+    has_books: bool
+
+
+def _encoding(path) -> _Encoding:
+    """A pass over a file's bytes, a block at a time: refuses a binary file (CorpusError) and picks the codec.
 
     UTF-8 (a BOM dropped) and UTF-16 with a BOM are read as such. Text that is not valid UTF-8 and
     has no UTF-8 character beyond ASCII is an 8-bit legacy file: it is read as Windows-1252 (Latin-1
     where that fails) and logged. Otherwise the bad bytes are replaced by U+FFFD, counted and logged.
-    At most two copies of the file (its bytes and a string, or two strings) are held at a time.
     """
-    raw = pathlib.Path(path).read_bytes()
-    reason = binary_reason(raw[:_SNIFF_BYTES])
-    if reason:
-        raise CorpusError(f"{path} is not a text file ({reason}): remove it from config.data.corpus")
-    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
-        text = raw.decode("utf-16", errors="replace")
-    else:
+    with open(path, "rb") as file:
+        head = file.read(_SNIFF_BYTES)
+        reason = binary_reason(head)
+        if reason:
+            raise CorpusError(f"{path} is not a text file ({reason}): remove it from config.data.corpus")
+        if head.startswith((b"\xff\xfe", b"\xfe\xff")):
+            file.seek(0)
+            text = "".join(_blocks_of(file, "utf-16", "replace"))
+            return _Encoding("utf-16", "replace", bool(_GUTENBERG_START.search(text)))
+        file.seek(0)
+        decoder = codecs.getincrementaldecoder("utf-8")("strict")
+        has_books, offset, tail = False, 0, b""
         try:
-            text = raw.decode("utf-8-sig")
+            while block := file.read(_BLOCK_BYTES):
+                pending = len(decoder.getstate()[0])
+                decoder.decode(block)
+                has_books = has_books or bool(_GUTENBERG_START_BYTES.search(tail + block))
+                tail, offset = block[-128:], offset + len(block)
+            decoder.decode(b"", final=True)
+            return _Encoding("utf-8-sig", "strict", has_books)
         except UnicodeDecodeError as error:
-            text = raw.decode("utf-8-sig", errors="replace")
-            if _NON_ASCII_TEXT.search(text):
-                replaced = text.count("\ufffd") - raw.count("\ufffd".encode())
-                log.warning(
-                    "%s is not valid UTF-8 (first bad byte at offset %d): replaced %d undecodable byte sequence(s) with U+FFFD",
-                    path,
-                    error.start,
-                    replaced,
-                )
-            else:
-                del text
-                text, encoding = _decode_legacy(raw)
-                log.warning(
-                    "%s is not UTF-8 and has no UTF-8 character beyond ASCII: read as %s (%d non-ASCII bytes); "
-                    "convert it to UTF-8 (iconv -f ENCODING -t UTF-8) if that is not its encoding",
-                    path,
-                    encoding,
-                    len(raw.translate(None, bytes(range(128)))),
-                )
-    del raw
-    return _LINE_END.sub("\n", text) if "\r" in text else text
+            bad = offset - pending + error.start
+        file.seek(0)
+        replaced, non_ascii, legacy, non_ascii_bytes, has_books, tail = 0, False, "cp1252", 0, False, b""
+        decoder = codecs.getincrementaldecoder("utf-8-sig")("replace")
+        while block := file.read(_BLOCK_BYTES):
+            text = decoder.decode(block)
+            non_ascii = non_ascii or bool(_NON_ASCII_TEXT.search(text))
+            replaced += text.count("\ufffd") - block.count("\ufffd".encode())
+            non_ascii_bytes += len(block.translate(None, bytes(range(128))))
+            has_books = has_books or bool(_GUTENBERG_START_BYTES.search(tail + block))
+            tail = block[-128:]
+            try:
+                block.decode("cp1252")
+            except UnicodeDecodeError:  # bytes cp1252 leaves undefined (0x81, 0x8d, ...): Latin-1 maps every byte
+                legacy = "latin-1"
+    if non_ascii:
+        log.warning("%s is not valid UTF-8 (first bad byte at offset %d): replaced %d undecodable byte sequence(s) with U+FFFD", path, bad, replaced)
+        return _Encoding("utf-8-sig", "replace", has_books)
+    name = "Windows-1252" if legacy == "cp1252" else "Latin-1"
+    log.warning(
+        "%s is not UTF-8 and has no UTF-8 character beyond ASCII: read as %s (%d non-ASCII bytes); "
+        "convert it to UTF-8 (iconv -f ENCODING -t UTF-8) if that is not its encoding",
+        path,
+        name,
+        non_ascii_bytes,
+    )
+    return _Encoding(legacy, "strict", has_books)
+
+
+def _blocks_of(file, codec: str, errors: str) -> Iterator[str]:
+    """A binary file's text, a block at a time, line ends normalised to \\n (a \\r\\n never split)."""
+    decoder = codecs.getincrementaldecoder(codec)(errors)
+    carry = ""
+    while True:
+        block = file.read(_BLOCK_BYTES)
+        text = carry + decoder.decode(block, final=not block)
+        carry = ""
+        if block and text.endswith("\r"):
+            text, carry = text[:-1], "\r"
+        if "\r" in text:
+            text = _LINE_END.sub("\n", text)
+        if text:
+            yield text
+        if not block:
+            return
+
+
+def _text_blocks(path, encoding: _Encoding | None = None) -> Iterator[str]:
+    encoding = encoding or _encoding(path)
+    with open(path, "rb") as file:
+        yield from _blocks_of(file, encoding.codec, encoding.errors)
+
+
+def read_text(path) -> str:
+    """A file's whole text, line ends normalised to \\n; a binary file is refused with a CorpusError.
+    (Preparation never holds a whole file: it reads `_chunks`.)"""
+    return "".join(_text_blocks(path))
+
+
+def _chunks(blocks: Iterable[str], size: int = CHUNK_CHARS) -> Iterator[tuple[str, bool]]:
+    """(text, whether it starts in the middle of a line): the text in pieces of at most about `size`
+    characters, each cut after a blank line (a paragraph's end) where its second half has one, else
+    after a line end, else at a space."""
+    buffer, continues = "", False
+    for block in blocks:
+        buffer += block
+        while len(buffer) >= size:
+            cut, at_line = _cut_point(buffer, size)
+            yield buffer[:cut], continues
+            buffer, continues = buffer[cut:], not at_line
+    if buffer:
+        yield buffer, continues
+
+
+def _cut_point(text: str, size: int) -> tuple[int, bool]:
+    low = size // 2
+    end = text.rfind("\n", low, size)
+    probe = end
+    for _ in range(1000):  # a paragraph's end within the last thousand lines
+        previous = text.rfind("\n", low, probe) if probe > low else -1
+        if previous < 0:
+            break
+        if not text[previous + 1 : probe].strip():
+            return probe + 1, True
+        probe = previous
+    if end >= 0:
+        return end + 1, True
+    space = text.rfind(" ", low, size)
+    return (space + 1, False) if space >= 0 else (size, False)
 
 
 def split_sentences(paragraph: str) -> list[str]:
@@ -269,59 +357,84 @@ def detect_format(text: str) -> str:
     return "sentences" if ending >= 0.6 * max(len(non_blank), 1) else "paragraphs"
 
 
-def _sentences_format(text: str, name: str, counts: collections.Counter) -> list[Document]:
-    blocks = [[piece for line in block for piece in _cut_sentence(line.strip(), counts)] for block in _blocks(text)]
-    if len(blocks) == 1 and len(blocks[0]) > 1:
-        log.warning(
-            "%s has no blank line between documents: read as ONE document of %d sentences "
-            "(set data.corpus_format=documents if each line is a document)",
-            name,
-            len(blocks[0]),
-        )
-    return blocks
+@dataclasses.dataclass(frozen=True)
+class _ChunkState:
+    """What a chunk's parse needs from the text before it."""
+
+    continues_line: bool = False  # it starts in the middle of a line (the previous chunk was cut at a space)
+    in_book: bool = False  # it starts inside a Project Gutenberg book's body
+    has_books: bool = False  # its file has Gutenberg START lines: only the books' bodies are text
 
 
-def _documents_format(text: str, name: str, counts: collections.Counter) -> list[Document]:
-    return [_sentences(line, counts) for line in _lines(text) if not _blank(line)]
+# Each reader parses one chunk of a file into documents. The first one continues the document open at
+# the chunk's start and the last one stays open for the next chunk (either may be empty); `_join`
+# glues them, so a document never ends at a chunk boundary.
+def _sentences_format(text: str, counts: collections.Counter, state: _ChunkState) -> list[Document]:
+    documents: list[Document] = [[]]
+    for line in _lines(text):
+        if _blank(line):
+            if documents[-1] or len(documents) == 1:
+                documents.append([])
+        else:
+            documents[-1].extend(_cut_sentence(line.strip(), counts))
+    return documents
 
 
-def gutenberg_books(text: str) -> list[tuple[int, int]]:
-    """(start, end) offsets of the body of each Project Gutenberg book in `text`: from its START line to
-    its END line (to the next book's START, or the end of the text, where the END line is missing)."""
-    starts = list(_GUTENBERG_START.finditer(text))
-    books = []
-    for index, start in enumerate(starts):
-        limit = starts[index + 1].start() if index + 1 < len(starts) else len(text)
-        end = _GUTENBERG_END.search(text, start.end(), limit)
-        books.append((start.end(), end.start() if end else limit))
-    return books
+def _documents_format(text: str, counts: collections.Counter, state: _ChunkState) -> list[Document]:
+    documents: list[Document] = [[]]
+    for index, line in enumerate(_lines(text)):
+        if index == 0 and state.continues_line:
+            documents[0].extend(_sentences(line, counts))
+        elif not _blank(line):
+            documents.append(_sentences(line, counts))
+    return documents
 
 
-def _paragraphs_format(text: str, name: str, counts: collections.Counter) -> list[Document]:
-    books = gutenberg_books(text)
-    counts["books"] = len(books)
-    documents: list[Document] = []
-    for start, end in books or [(0, len(text))]:
-        documents.append([])  # a book starts a document
-        for block in _blocks(text, start, end):
-            # A heading is a short block (its title may take a second line) starting with a heading word.
-            if len(block) <= 2 and len(block[0]) < 200 and _HEADING.match(block[0].strip()):
+def _paragraphs_format(text: str, counts: collections.Counter, state: _ChunkState) -> list[Document]:
+    """Blocks of lines are paragraphs; a heading starts a document. In a file with Gutenberg books only
+    their bodies are read (START line to END line, or to the next START); each book starts a document."""
+    documents: list[Document] = [[]]
+    block: list[str] = []
+    in_book = state.in_book
+
+    def flush():
+        # A heading is a short block (its title may take a second line) starting with a heading word.
+        if block and len(block) <= 2 and len(block[0]) < 200 and _HEADING.match(block[0].strip()):
+            documents.append([])
+        elif block and not _GUTENBERG_END_LINE.match(block[0]):
+            documents[-1].extend(_sentences(" ".join(block), counts))
+        block.clear()
+
+    for line in _lines(text):
+        if state.has_books and line.startswith("***"):
+            if _GUTENBERG_START.match(line):
+                flush()
+                in_book = True
+                counts["books"] += 1
                 documents.append([])
                 continue
-            if _GUTENBERG_END_LINE.match(block[0]):
+            if in_book and _GUTENBERG_END.match(line):
+                flush()
+                in_book = False
                 continue
-            documents[-1].extend(_sentences(" ".join(block), counts))
-    return [document for document in documents if document]
+        if state.has_books and not in_book:
+            continue
+        if _blank(line):
+            flush()
+        else:
+            block.append(line)
+    flush()
+    return documents
 
 
-def _wikitext_format(text: str, name: str, counts: collections.Counter) -> list[Document]:
+def _wikitext_format(text: str, counts: collections.Counter, state: _ChunkState) -> list[Document]:
     documents: list[Document] = [[]]
     for line in _lines(text):
         if _WIKITEXT_TITLE.match(line):
             documents.append([])
         elif not _blank(line) and not _WIKITEXT_HEADING.match(line):
             documents[-1].extend(_sentences(line, counts))
-    return [document for document in documents if document]
+    return documents
 
 
 _READERS = {
@@ -330,18 +443,43 @@ _READERS = {
     "paragraphs": _paragraphs_format,
     "wikitext": _wikitext_format,
 }
+_GUTENBERG_MARKER = re.compile(r"^\*\*\* ?(START|END) OF (THIS|THE) PROJECT GUTENBERG", re.MULTILINE)
 
 
-def parse(text: str, corpus_format: str, name: str = "<text>") -> list[Document]:
-    """Documents (lists of sentences) of one file's text in `corpus_format` ('auto' detects it).
-
-    Logs the format and the counts (books, documents, sentences), and any text cut into pseudo-sentences.
-    """
+def _chunk_tasks(chunks: Iterable[tuple[str, bool]], corpus_format: str, has_books: bool) -> Iterator[tuple[str, str, _ChunkState]]:
+    """(text, format, state) of each chunk of one file: the format is detected on the first chunk
+    (its first 256 KB), and whether a Gutenberg book is open is carried from chunk to chunk."""
     if corpus_format not in FORMATS:
         raise CorpusError(f"config.data.corpus_format={corpus_format!r}: choose one of {FORMATS}")
-    chosen = detect_format(text) if corpus_format == "auto" else corpus_format
+    chosen, in_book = None, False
+    for text, continues in chunks:
+        chosen = chosen or (detect_format(text) if corpus_format == "auto" else corpus_format)
+        yield text, chosen, _ChunkState(continues, in_book, has_books and chosen == "paragraphs")
+        if has_books and chosen == "paragraphs":
+            markers = [marker.group(1) for marker in _GUTENBERG_MARKER.finditer(text)]
+            in_book = markers[-1] == "START" if markers else in_book
+
+
+def _parse_chunk(text: str, chosen: str, state: _ChunkState) -> tuple[list[Document], collections.Counter]:
     counts: collections.Counter = collections.Counter()
-    documents = _READERS[chosen](text, name, counts)
+    return _READERS[chosen](text, counts, state), counts
+
+
+def _join(pieces: Iterable[list[Document]]) -> Iterator[Document]:
+    """The documents of consecutive chunks' readers, each document whole (see `_sentences_format`)."""
+    open_document: Document = []
+    for documents in pieces:
+        open_document.extend(documents[0])
+        if len(documents) > 1:
+            if open_document:
+                yield open_document
+            yield from (document for document in documents[1:-1] if document)
+            open_document = documents[-1]
+    if open_document:
+        yield open_document
+
+
+def _log_parse(name: str, corpus_format: str, chosen: str | None, counts: collections.Counter, documents: int, sentences: int) -> None:
     books = f"{counts['books']} Project Gutenberg book(s) (each one's header and footer removed), " if counts["books"] else ""
     log.info(
         "%s: read as corpus_format=%s%s: %s%d documents, %d sentences",
@@ -349,8 +487,8 @@ def parse(text: str, corpus_format: str, name: str = "<text>") -> list[Document]
         chosen,
         " (auto)" if corpus_format == "auto" else "",
         books,
-        len(documents),
-        sum(len(document) for document in documents),
+        documents,
+        sentences,
     )
     cuts = []
     if counts["long paragraphs"]:
@@ -359,7 +497,48 @@ def parse(text: str, corpus_format: str, name: str = "<text>") -> list[Document]
         cuts.append(f"{counts['long sentences']} sentence(s) longer than {MAX_SENTENCE_CHARS} characters into {counts['pseudo-sentences']} pseudo-sentences")
     if cuts:
         log.warning("%s: cut %s (a file without line breaks or sentence punctuation?)", name, " and ".join(cuts))
-    return documents
+    if chosen == "sentences" and documents == 1 and sentences > 1:
+        log.warning(
+            "%s has no blank line between documents: read as ONE document of %d sentences "
+            "(set data.corpus_format=documents if each line is a document)",
+            name,
+            sentences,
+        )
+
+
+def _parse_stream(chunks: Iterable[tuple[str, bool]], corpus_format: str, name: str, has_books: bool) -> Iterator[Document]:
+    """The documents of one file's chunks, parsed here one chunk at a time; logs the counts at the end."""
+    counts: collections.Counter = collections.Counter()
+    chosen_format: list[str] = []  # as detected on the first chunk, for the log at the end
+
+    def pieces():
+        for text, chosen, state in _chunk_tasks(chunks, corpus_format, has_books):
+            chosen_format[:] = [chosen]
+            documents, chunk_counts = _parse_chunk(text, chosen, state)
+            counts.update(chunk_counts)
+            yield documents
+
+    documents = sentences = 0
+    for document in _join(pieces()):
+        documents += 1
+        sentences += len(document)
+        yield document
+    _log_parse(name, corpus_format, chosen_format[0] if chosen_format else None, counts, documents, sentences)
+
+
+def parse(text: str, corpus_format: str, name: str = "<text>") -> list[Document]:
+    """Documents (lists of sentences) of one file's text in `corpus_format` ('auto' detects it).
+
+    Logs the format and the counts (books, documents, sentences), and any text cut into pseudo-sentences.
+    """
+    return list(_parse_stream(_chunks([text]), corpus_format, name, bool(_GUTENBERG_START.search(text))))
+
+
+def read_documents(path, corpus_format: str, name: str | None = None) -> Iterator[Document]:
+    """The documents of a text file, read and parsed a chunk at a time (memory bounded by a chunk
+    and the longest document)."""
+    encoding = _encoding(path)
+    yield from _parse_stream(_chunks(_text_blocks(path, encoding)), corpus_format, name or str(path), encoding.has_books)
 
 
 def _docstring_paragraphs(docstring: str) -> Iterator[str]:
@@ -446,46 +625,41 @@ class Corpus:
         return [kind, self.corpus_format, sys.version if self.spec == PYTHON_DOCS else "", stats, PARSE_VERSION]
 
     def documents(self) -> list[Document]:
-        """Every non-empty document, in a fixed order; raises CorpusError when there is none.
+        """Every non-empty document, in a fixed order; raises CorpusError when there is none."""
+        return list(self.iter_documents())
 
-        Local text is read once per process (training a tokenizer and preparing the token cache both
-        need it); the key includes the files' sizes and modification times.
-        """
-        if self.spec.startswith("tfds:"):
-            documents = [d for d in self._documents() if d]
-            if not documents:
-                raise CorpusError(f"{self.description} holds no text")
-            return documents
-        return _cached_documents(self, json.dumps(self.fingerprint()))
+    def iter_documents(self) -> Iterator[Document]:
+        """`documents`, one at a time: files are read and parsed a chunk at a time (nothing is kept)."""
+        count = 0
+        for document in self._documents():
+            if document:
+                count += 1
+                yield document
+        if not count:
+            files = self.files()
+            where = f": {_some(files)} {'is' if len(files) == 1 else 'are'} empty or blank" if files else ""
+            raise CorpusError(f"{self.description} holds no text{where}")
 
     def _documents(self) -> Iterator[Document]:
         if self.spec.startswith("tfds:"):
             yield from self._tfds_documents(self.spec[len("tfds:") :])
             return
         for pattern, files, explicit in self._patterns():
-            binary, empty = [], []
-            progress = tqdm.tqdm(files, desc=f"reading {pattern}", unit=" files", mininterval=2, disable=len(files) < 20)
-            for path in progress:
-                if self.spec == PYTHON_DOCS:
-                    documents = [_python_docs_document(path)]
-                elif not explicit and _sniff(path):
-                    binary.append(path)  # a directory or glob may match images, archives, ...: skip them
+            if self.spec == PYTHON_DOCS:
+                yield from map(_python_docs_document, tqdm.tqdm(files, desc="reading python-docs", unit=" files", mininterval=2))
+                continue
+            binary = [] if explicit else [path for path in files if _sniff(path)]  # a glob may match images, archives, ...
+            empty = set()
+            for path in tqdm.tqdm(files, desc=f"reading {pattern}", unit=" files", mininterval=2, disable=len(files) < 20):
+                if path in binary:
                     continue
-                else:
-                    documents = parse(read_text(path), self.corpus_format, str(path))
-                if not any(documents):
-                    empty.append(path)
-                yield from documents
-            if binary:
-                log.warning("%s: skipped %d binary file(s) that are not text: %s", pattern, len(binary), _some(binary))
-            if binary and len(binary) + len(empty) == len(files):
-                raise CorpusError(
-                    f"config.data.corpus: {pattern!r} holds no text file ({len(binary)} binary: {_some(binary)}"
-                    + (f"; {len(empty)} empty" if empty else "")
-                    + ")"
-                )
-            if empty and self.spec != PYTHON_DOCS:
-                log.warning("%s: %d file(s) hold no text: %s", pattern, len(empty), _some(empty))
+                found = False
+                for document in read_documents(path, self.corpus_format):
+                    found = True
+                    yield document
+                if not found:
+                    empty.add(str(path))
+            _check_patterns([(pattern, files, binary)], empty)
 
     def _tfds_documents(self, name: str) -> Iterator[Document]:
         import tensorflow_datasets as tfds
@@ -503,7 +677,7 @@ class Corpus:
             log.warning("tfds:%s: cut %d long paragraph(s) and %d long sentence(s) at spaces", name, counts["long paragraphs"], counts["long sentences"])
 
     def sentences(self) -> Iterator[str]:
-        for document in self.documents():
+        for document in self.iter_documents():
             yield from document
 
 
@@ -518,83 +692,108 @@ def _some(paths: list, shown: int = 3) -> str:
     return names + (f" and {len(paths) - shown} more" if len(paths) > shown else "")
 
 
-@functools.lru_cache(maxsize=4)
-def _cached_documents(corpus: Corpus, fingerprint: str) -> list[Document]:
-    files = corpus.files()
-    documents = [document for document in corpus._documents() if document]
-    if not documents:
-        raise CorpusError(f"{corpus.description} holds no text: {_some(files)} {'is' if len(files) == 1 else 'are'} empty or blank")
-    if len(files) > 1:
-        log.info("%s: %d files, %d documents, %d sentences", corpus.description, len(files), len(documents), sum(len(d) for d in documents))
-    return documents
-
-
 def cache_root(config) -> pathlib.Path:
     """`data.data_dir`, else $BERTJAX_DATA_DIR, else ~/.cache/bertjax."""
     root = config.data.data_dir or os.environ.get("BERTJAX_DATA_DIR") or pathlib.Path.home() / ".cache" / "bertjax"
     return pathlib.Path(root).expanduser()
 
 
+class TokenStore:
+    """The token ids of several prepared units as one flat int32 array, memory-mapped: indexing reads
+    only the pages it touches, and the page cache is shared by every process of a host."""
+
+    def __init__(self, parts: list[np.ndarray]):
+        self.parts = parts
+        self.starts = np.concatenate([[0], np.cumsum([len(part) for part in parts], dtype=np.int64)])
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def __getitem__(self, index) -> np.ndarray:
+        if isinstance(index, slice):
+            index = np.arange(*index.indices(len(self)))
+        index = np.asarray(index, np.int64)
+        if len(self.parts) == 1:
+            return np.asarray(self.parts[0][index])
+        flat = index.ravel()
+        part = np.searchsorted(self.starts, flat, side="right") - 1
+        order = np.argsort(part, kind="stable")
+        bounds = np.searchsorted(part[order], np.arange(len(self.parts) + 1))
+        out = np.empty(len(flat), np.int32)
+        for p in np.flatnonzero(np.diff(bounds)):
+            rows = order[bounds[p] : bounds[p + 1]]
+            out[rows] = self.parts[p][flat[rows] - self.starts[p]]
+        return out.reshape(index.shape)
+
+    def __array__(self, dtype=None, copy=None):
+        whole = np.concatenate([np.asarray(part) for part in self.parts]) if self.parts else np.zeros(0, np.int32)
+        return whole.astype(dtype) if dtype is not None else whole
+
+
 @dataclasses.dataclass(frozen=True)
 class TokenizedDocuments:
     """Documents as flat arrays: tokens[sentence_offsets[s]:sentence_offsets[s+1]] is sentence s;
-    sentences document_offsets[d]:document_offsets[d+1] make document d."""
+    sentences document_offsets[d]:document_offsets[d+1] make document d. A split is the documents
+    `document_ids` of a prepared set (None: all of them); `key` names the set, for tables derived from it.
 
-    tokens: np.ndarray  # int32 [num_tokens]
-    sentence_offsets: np.ndarray  # int64 [num_sentences + 1]
-    document_offsets: np.ndarray  # int64 [num_documents + 1]
+    `tokens` is an array or a lazy TokenStore; the sentence offsets are computed when first asked for
+    (only building an instance table needs them)."""
+
+    tokens: Any
+    sentence_lengths: np.ndarray  # int32 [num_sentences], possibly memory-mapped
+    document_offsets: np.ndarray  # int64 [num_all_documents + 1]
+    document_ids: np.ndarray | None = None
+    key: str = ""
 
     @property
     def num_documents(self) -> int:
-        return len(self.document_offsets) - 1
+        return len(self.document_offsets) - 1 if self.document_ids is None else len(self.document_ids)
 
     @property
-    def sentence_lengths(self) -> np.ndarray:
-        return np.diff(self.sentence_offsets)
+    def ids(self) -> np.ndarray:
+        """The documents of this split, in corpus order."""
+        return np.arange(len(self.document_offsets) - 1) if self.document_ids is None else self.document_ids
+
+    @functools.cached_property
+    def sentence_offsets(self) -> np.ndarray:
+        offsets = np.zeros(len(self.sentence_lengths) + 1, np.int64)
+        np.cumsum(self.sentence_lengths, out=offsets[1:])
+        return offsets
 
     @classmethod
     def from_records(cls, records: list[tuple[np.ndarray, np.ndarray]]) -> "TokenizedDocuments":
         """From (tokens, sentence_lengths) per document."""
         tokens = np.concatenate([r[0] for r in records]).astype(np.int32) if records else np.zeros(0, np.int32)
-        lengths = np.concatenate([r[1] for r in records]).astype(np.int64) if records else np.zeros(0, np.int64)
+        lengths = np.concatenate([r[1] for r in records]).astype(np.int32) if records else np.zeros(0, np.int32)
         sentences_per_document = np.array([len(r[1]) for r in records], np.int64)
-        return cls(
-            tokens=tokens,
-            sentence_offsets=np.concatenate([[0], np.cumsum(lengths)]),
-            document_offsets=np.concatenate([[0], np.cumsum(sentences_per_document)]),
-        )
+        return cls(tokens=tokens, sentence_lengths=lengths, document_offsets=np.concatenate([[0], np.cumsum(sentences_per_document)]))
 
 
-def tokenize_documents(documents: list[Document], tokenizer, description: str = "documents") -> list[tuple[np.ndarray, np.ndarray]]:
-    """(tokens, sentence_lengths) of each document; sentences with no tokens are left out (they hold no text)."""
-    records = []
-    chunk = 512
-    with tqdm.tqdm(total=len(documents), desc=f"tokenizing {description}", unit=" docs", mininterval=2) as progress:
-        for begin in range(0, len(documents), chunk):
-            batch = documents[begin : begin + chunk]
-            ids = tokenizer.encode_many([sentence for document in batch for sentence in document])
-            cursor = 0
-            for document in batch:
-                pieces = [piece for piece in ids[cursor : cursor + len(document)] if piece]
-                cursor += len(document)
-                if pieces:
-                    records.append((np.concatenate(pieces).astype(np.int32), np.array([len(p) for p in pieces], np.int32)))
-            progress.update(len(batch))
-    return records
+def _sentence_hash(sentence: str) -> int:
+    return int.from_bytes(hashlib.blake2b(sentence.encode(), digest_size=8).digest(), "little")
 
 
-def _eval_choice(documents: list[Document], fraction: float) -> np.ndarray:
-    """Which documents are held out: the `fraction` whose text hashes lowest.
+def document_hash(document: Document) -> int:
+    """A document's text hash: the sum (mod 2**64) of its sentences' hashes, so that a document read
+    in several chunks (or processes) hashes as when read whole."""
+    return sum(map(_sentence_hash, document)) & _MASK64
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def _eval_choice(digests: np.ndarray, fraction: float) -> np.ndarray:
+    """Which documents are held out: the `fraction` whose text hashes (`document_hash`) are lowest.
 
     At least two when the corpus has four or more documents, so that NSP's random segments in the eval
     split can come from another document (with one, every eval pair would be a real continuation).
     """
-    if fraction <= 0 or len(documents) < 2:
-        return np.zeros(len(documents), np.bool_)
-    digests = np.array([int.from_bytes(hashlib.sha1("\n".join(d).encode()).digest()[:8], "little") for d in documents], np.uint64)
-    at_least = 2 if len(documents) >= 4 else 1
-    count = min(max(at_least, int(round(fraction * len(documents)))), len(documents) - 1)
-    chosen = np.zeros(len(documents), np.bool_)
+    digests = np.asarray(digests, np.uint64)
+    if fraction <= 0 or len(digests) < 2:
+        return np.zeros(len(digests), np.bool_)
+    at_least = 2 if len(digests) >= 4 else 1
+    count = min(max(at_least, int(round(fraction * len(digests)))), len(digests) - 1)
+    chosen = np.zeros(len(digests), np.bool_)
     chosen[np.argsort(digests, kind="stable")[:count]] = True
     return chosen
 
@@ -606,35 +805,29 @@ def minimum_documents(eval_fraction: float) -> int:
     return max(4, math.ceil(1 / eval_fraction - 1e-9)) if eval_fraction > 0 else 2
 
 
-def pseudo_documents(documents: list[Document], minimum: int, description: str) -> list[Document]:
-    """`documents`, with long ones cut into pseudo-documents when there are fewer than `minimum`.
-
-    A play, a scraped dump or a book without chapter headings is one document: too few for NSP and
-    the eval split. Then every document longer than W sentences is cut into near-equal runs of at
-    most W consecutive sentences, W = max(MIN_PSEUDO_DOCUMENT_SENTENCES, sentences // (2 * minimum)),
-    which gives about twice the minimum (so the eval split is about its asked share). Logged with
-    the counts; documents that are already short stay as they are.
-    """
-    if len(documents) >= minimum:
-        return documents
-    total = sum(len(document) for document in documents)
+def _pseudo_sizes(sizes: list[int], minimum: int, description: str) -> list[int] | None:
+    """The sentence counts of the (pseudo-)documents `pseudo_documents` makes of documents of `sizes`
+    sentences, or None when there are enough documents."""
+    if len(sizes) >= minimum:
+        return None
+    total = sum(sizes)
     window = max(MIN_PSEUDO_DOCUMENT_SENTENCES, total // (2 * minimum))
-    result: list[Document] = []
+    result: list[int] = []
     cut = 0
-    for document in documents:
-        parts = -(-len(document) // window)
+    for size in sizes:
+        parts = -(-size // window)
         if parts > 1:
             cut += 1
-            bounds = [round(i * len(document) / parts) for i in range(parts + 1)]
-            result.extend(document[begin:end] for begin, end in zip(bounds[:-1], bounds[1:]))
+            bounds = [round(i * size / parts) for i in range(parts + 1)]
+            result.extend(end - begin for begin, end in zip(bounds[:-1], bounds[1:]))
         else:
-            result.append(document)
+            result.append(size)
     if cut:
         log.warning(
             "%s has %d document(s), too few for NSP and the eval split (it needs %d): cut %d document(s) longer than %d "
             "sentences into pseudo-documents of at most %d consecutive sentences; now %d documents",
             description,
-            len(documents),
+            len(sizes),
             minimum,
             cut,
             window,
@@ -653,114 +846,141 @@ def pseudo_documents(documents: list[Document], minimum: int, description: str) 
     return result
 
 
-def _builder_class():
-    import tensorflow_datasets as tfds
+def pseudo_documents(documents: list[Document], minimum: int, description: str) -> list[Document]:
+    """`documents`, with long ones cut into pseudo-documents when there are fewer than `minimum`.
 
-    class BertjaxTokenizedCorpus(tfds.core.GeneratorBasedBuilder):
-        """Documents as token ids and sentence lengths (built by bertjax.data.corpus.prepare)."""
-
-        VERSION = tfds.core.Version(PREPARED_VERSION)
-
-        # TFDS looks for checksum files beside a builder's source; this one downloads nothing, and
-        # resolving its module's path fails for some installs (editable, namespace packages).
-        @tfds.core.utils.classproperty
-        @classmethod
-        def code_path(cls):
-            return None
-
-        def __init__(self, *, splits=None, **kwargs):
-            self._records_by_split = splits or {}
-            super().__init__(**kwargs)
-
-        def _info(self):
-            return tfds.core.DatasetInfo(
-                builder=self,
-                description="Tokenized pretraining documents: flat token ids and the length of each sentence.",
-                # Keep the corpus order: documents stay where the user put them (and tests can find them).
-                disable_shuffling=True,
-                features=tfds.features.FeaturesDict(
-                    {
-                        "tokens": tfds.features.Tensor(shape=(None,), dtype=np.int32),
-                        "sentence_lengths": tfds.features.Tensor(shape=(None,), dtype=np.int32),
-                    }
-                ),
-            )
-
-        def _split_generators(self, dl_manager):
-            return {name: self._generate_examples(records) for name, records in self._records_by_split.items()}
-
-        def _generate_examples(self, records):
-            for index, (tokens, lengths) in enumerate(records):
-                yield index, {"tokens": tokens, "sentence_lengths": lengths}
-
-    return BertjaxTokenizedCorpus
+    A play, a scraped dump or a book without chapter headings is one document: too few for NSP and
+    the eval split. Then every document longer than W sentences is cut into near-equal runs of at
+    most W consecutive sentences, W = max(MIN_PSEUDO_DOCUMENT_SENTENCES, sentences // (2 * minimum)),
+    which gives about twice the minimum (so the eval split is about its asked share). Logged with
+    the counts; documents that are already short stay as they are. (Prepared corpora apply the same
+    rule to their sentence counts: `_pseudo_sizes`.)
+    """
+    sizes = _pseudo_sizes([len(document) for document in documents], minimum, description)
+    if sizes is None:
+        return documents
+    sentences = [sentence for document in documents for sentence in document]
+    bounds = np.concatenate([[0], np.cumsum(sizes)])
+    return [sentences[begin:end] for begin, end in zip(bounds[:-1], bounds[1:])]
 
 
-_BUILDER = None
+# ---- Preparation: files -> chunks -> (parse, tokenize) in worker processes -> units on disk.
+#
+# A unit is what one text file (or a whole python-docs / tfds corpus) prepares into, under
+# cache_root/corpora/units/KEY, KEY hashing the file (path, size, modification time), the format,
+# the tokenizer and the versions: several preparers (hosts, runs with other files) share units, and
+# each is published by renaming a finished scratch directory with its `done` marker written last.
+UNIT_ARRAYS = {
+    "tokens": np.int32,  # token ids, flat
+    "sentence_lengths": np.int32,  # tokens per sentence
+    "document_sentences": np.int64,  # sentences per document
+    "document_hash": np.uint64,  # `document_hash` per document
+}
+_DOCUMENTS_PER_TASK = 256
+# Below this much text a corpus is prepared in this process (starting workers costs more than it saves).
+_POOL_BYTES = 2 * CHUNK_CHARS
+
+_worker_tokenizer = None
 
 
-def _builder(data_dir, splits=None):
-    global _BUILDER
-    if _BUILDER is None:
-        _BUILDER = _builder_class()
-    return _BUILDER(data_dir=str(data_dir), splits=splits, file_format="array_record")
+def _start_worker(tokenizer_path: str) -> None:
+    global _worker_tokenizer
+    from bertjax.data import tokenizer as tokenizer_lib
+
+    _worker_tokenizer = tokenizer_lib.load(tokenizer_path)
 
 
-def prepare(config, tokenizer) -> dict[str, TokenizedDocuments]:
-    """The 'train' and 'eval' documents of `config.data` as token ids, built once and cached."""
-    data = config.data
-    train_corpus = Corpus.from_config(config)
-    eval_corpus = Corpus.from_config(config, data.eval_corpus) if data.eval_corpus else None
-    tokenizer_digest = hashlib.sha256(pathlib.Path(tokenizer.path).read_bytes()).hexdigest()
-    key_parts = [
-        PREPARED_VERSION,
-        train_corpus.fingerprint(),
-        eval_corpus.fingerprint() if eval_corpus else data.eval_fraction,
-        tokenizer_digest,
-    ]
-    key = hashlib.sha256(json.dumps(key_parts, default=str).encode()).hexdigest()[:16]
-    directory = cache_root(config) / "corpora" / key
-    if (directory / "done").exists():
-        log.info("reusing the prepared %s in %s", train_corpus.description, directory)
+@dataclasses.dataclass
+class _Piece:
+    """One task's documents as arrays. Chunks of a file are `joined`: the first document continues the
+    one open before, the last stays open (both may hold no sentence)."""
+
+    tokens: np.ndarray
+    sentence_lengths: np.ndarray
+    document_sentences: np.ndarray
+    document_hash: np.ndarray
+    joined: bool
+    counts: collections.Counter
+
+
+def _work(task, tokenizer=None) -> _Piece:
+    """Parse (a chunk of text) and tokenize: runs in a worker process. Sentences without tokens are left out."""
+    tokenizer = tokenizer or _worker_tokenizer
+    kind, payload = task
+    counts: collections.Counter = collections.Counter()
+    if kind == "text":
+        documents, counts = _parse_chunk(*payload)
     else:
-        _build(directory, train_corpus, eval_corpus, data.eval_fraction, tokenizer)
-    builder = _builder(directory)
-    return {split: _read_split(builder, split) for split in ("train", "eval")}
-
-
-def _build(directory: pathlib.Path, train_corpus: Corpus, eval_corpus: Corpus | None, eval_fraction: float, tokenizer) -> None:
-    if eval_corpus is None:
-        documents = pseudo_documents(train_corpus.documents(), minimum_documents(eval_fraction), train_corpus.description)
-        held_out = _eval_choice(documents, eval_fraction)
-        train_documents = [d for d, h in zip(documents, held_out) if not h]
-        eval_documents = [d for d, h in zip(documents, held_out) if h]
-    else:
-        train_documents = pseudo_documents(train_corpus.documents(), minimum_documents(0), train_corpus.description)
-        eval_documents = pseudo_documents(eval_corpus.documents(), minimum_documents(0), eval_corpus.description)
-    splits = {
-        "train": tokenize_documents(train_documents, tokenizer, f"{train_corpus.description} (train)"),
-        "eval": tokenize_documents(eval_documents, tokenizer, "eval documents"),
-    }
-    if not splits["train"]:
-        raise CorpusError(f"{train_corpus.description}: no document has any token")
-    log.info(
-        "preparing %s: %d train documents (%d tokens), %d eval documents (%d tokens)",
-        train_corpus.description,
-        len(splits["train"]),
-        sum(len(t) for t, _ in splits["train"]),
-        len(splits["eval"]),
-        sum(len(t) for t, _ in splits["eval"]),
+        documents = payload
+    ids = tokenizer.encode_many([sentence for document in documents for sentence in document]) if any(documents) else []
+    lengths = np.fromiter(map(len, ids), np.int64, len(ids))
+    tokens = np.fromiter(itertools.chain.from_iterable(ids), np.int32, int(lengths.sum()))
+    owner = np.repeat(np.arange(len(documents)), [len(document) for document in documents])
+    kept = lengths > 0
+    return _Piece(
+        tokens=tokens,
+        sentence_lengths=lengths[kept].astype(np.int32),
+        document_sentences=np.bincount(owner[kept], minlength=len(documents)).astype(np.int64),
+        document_hash=np.array([document_hash(document) for document in documents], np.uint64),
+        joined=kind == "text",
+        counts=counts,
     )
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    scratch = pathlib.Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}-"))
-    try:
-        _builder(scratch, {name: records for name, records in splits.items() if records}).download_and_prepare()
-        (scratch / "done").write_text(json.dumps({name: len(records) for name, records in splits.items()}))
-        if directory.exists() and not (directory / "done").exists():
-            shutil.rmtree(directory)  # left by an interrupted run of an older version
-        publish(scratch, directory)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+
+
+class _UnitWriter:
+    """Appends pieces to a unit's arrays in a scratch directory, a document finished at a time."""
+
+    def __init__(self, directory: pathlib.Path, key: str):
+        self.directory, self.key = directory, key
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        self.scratch = pathlib.Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{key}-"))
+        self.files = {name: open(self.scratch / f"{name}.bin", "wb") for name in UNIT_ARRAYS}
+        self.open_sentences, self.open_hash = 0, 0
+        self.counts: collections.Counter = collections.Counter()
+        self.format = None
+
+    def add(self, piece: _Piece) -> None:
+        self.files["tokens"].write(piece.tokens.tobytes())
+        self.files["sentence_lengths"].write(piece.sentence_lengths.tobytes())
+        self.counts.update(piece.counts)
+        self.counts["tokens"] += len(piece.tokens)
+        self.counts["sentences"] += len(piece.sentence_lengths)
+        sizes, hashes = piece.document_sentences.tolist(), piece.document_hash.tolist()
+        if not piece.joined:
+            sizes, hashes = [0, *sizes, 0], [0, *hashes, 0]
+        self.open_sentences += sizes[0]
+        self.open_hash = (self.open_hash + hashes[0]) & _MASK64
+        if len(sizes) > 1:
+            self._finish_document()
+            self._write([s for s in sizes[1:-1] if s], [h for s, h in zip(sizes[1:-1], hashes[1:-1]) if s])
+            self.open_sentences, self.open_hash = sizes[-1], hashes[-1]
+
+    def _finish_document(self) -> None:
+        if self.open_sentences:
+            self._write([self.open_sentences], [self.open_hash])
+        self.open_sentences, self.open_hash = 0, 0
+
+    def _write(self, sizes: list[int], hashes: list[int]) -> None:
+        self.files["document_sentences"].write(np.array(sizes, np.int64).tobytes())
+        self.files["document_hash"].write(np.array(hashes, np.uint64).tobytes())
+        self.counts["documents"] += len(sizes)
+
+    def abandon(self) -> None:
+        for file in self.files.values():
+            file.close()
+        shutil.rmtree(self.scratch, ignore_errors=True)
+
+    def close(self, meta: dict) -> dict:
+        self._finish_document()
+        for file in self.files.values():
+            file.close()
+        meta = dict(meta, **{name: self.counts[name] for name in ("tokens", "sentences", "documents", "books")})
+        (self.scratch / "meta.json").write_text(json.dumps(meta))
+        (self.scratch / "done").write_text("")
+        if self.directory.exists() and not (self.directory / "done").exists():
+            shutil.rmtree(self.directory)  # left by an interrupted run
+        publish(self.scratch, self.directory)
+        return meta
 
 
 def publish(scratch, directory: pathlib.Path) -> None:
@@ -771,15 +991,242 @@ def publish(scratch, directory: pathlib.Path) -> None:
         if not directory.exists():
             raise
         log.info("%s was prepared by another process meanwhile; using that", directory)
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _read_split(builder, split: str) -> TokenizedDocuments:
-    if split not in builder.info.splits:
-        return TokenizedDocuments.from_records([])
-    source = builder.as_data_source(split)
-    records = []
-    step = 1024
-    for begin in range(0, len(source), step):
-        for record in source.__getitems__(range(begin, min(begin + step, len(source)))):
-            records.append((record["tokens"], record["sentence_lengths"]))
-    return TokenizedDocuments.from_records(records)
+@dataclasses.dataclass(frozen=True)
+class _Unit:
+    """One thing to prepare: a text file (`path`), or a whole python-docs / tfds corpus (`corpus`)."""
+
+    key: str
+    directory: pathlib.Path
+    name: str
+    path: pathlib.Path | None = None
+    corpus: "Corpus | None" = None
+    size: int = 0
+
+    @property
+    def done(self) -> bool:
+        return (self.directory / "done").exists()
+
+
+def _tasks(unit: _Unit, corpus_format: str) -> Iterator[tuple[tuple, str | None]]:
+    """(task, chosen format) of a unit: its chunks of text, or batches of its documents (at least one task)."""
+    if unit.path is not None:
+        encoding = _encoding(unit.path)
+        chunks = _chunks(_text_blocks(unit.path, encoding))
+        tasks = ((("text", (text, chosen, state)), chosen) for text, chosen, state in _chunk_tasks(chunks, corpus_format, encoding.has_books))
+    else:
+        documents = (document for document in unit.corpus._documents() if document)
+        tasks = ((("documents", batch), None) for batch in _batched(documents, _DOCUMENTS_PER_TASK))
+    yield from tasks
+
+
+def _batched(items: Iterable, size: int) -> Iterator[list]:
+    iterator = iter(items)
+    while batch := list(itertools.islice(iterator, size)):
+        yield batch
+
+
+def _run(units: list[_Unit], corpus_format: str, tokenizer) -> None:
+    """Prepare `units`: their tasks go to a pool of worker processes (one per core; in this process
+    for a small corpus), at most two per worker ahead, and their pieces are written in order."""
+    workers = os.cpu_count() or 1
+    if sum(unit.size for unit in units) < _POOL_BYTES:
+        workers = 1
+    writers: dict[int, _UnitWriter] = {}
+    formats: dict[int, str | None] = {}
+
+    def tasks():
+        """(unit number, task or None at the unit's end, bytes of text)."""
+        for number, unit in enumerate(units):
+            writers[number] = _UnitWriter(unit.directory, unit.key)
+            for task, chosen in _tasks(unit, corpus_format):
+                formats[number] = chosen
+                yield number, task, len(task[1][0]) if task[0] == "text" else 0
+            yield number, None, 0
+
+    def write(number, piece):
+        if piece is not None:
+            writers[number].add(piece)
+            return
+        unit, writer = units[number], writers.pop(number)
+        meta = writer.close({"name": unit.name, "format": formats.get(number)})
+        if unit.path is not None:
+            _log_parse(unit.name, corpus_format, formats.get(number), writer.counts, meta["documents"], meta["sentences"])
+
+    try:
+        with tqdm.tqdm(total=sum(unit.size for unit in units), desc="preparing", unit="B", unit_scale=True, mininterval=2) as progress:
+            if workers == 1:
+                for number, task, size in tasks():
+                    write(number, task and _work(task, tokenizer))
+                    progress.update(size)
+                return
+            import concurrent.futures
+            import multiprocessing
+
+            context = multiprocessing.get_context("spawn")  # fork is unsafe once JAX's threads run
+            with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker, initargs=(tokenizer.path,)) as pool:
+                pending: collections.deque = collections.deque()
+                for number, task, size in tasks():
+                    pending.append((number, size, task and pool.submit(_work, task)))
+                    while len(pending) > 2 * workers or (pending and (pending[0][2] is None or pending[0][2].done())):
+                        number, size, future = pending.popleft()
+                        write(number, future and future.result())
+                        progress.update(size)
+                for number, size, future in pending:
+                    write(number, future and future.result())
+                    progress.update(size)
+    finally:
+        for writer in writers.values():  # left unfinished by an error
+            writer.abandon()
+
+
+def _load_unit(directory: pathlib.Path) -> dict[str, np.ndarray]:
+    arrays = {}
+    for name, dtype in UNIT_ARRAYS.items():
+        path = directory / f"{name}.bin"
+        size = path.stat().st_size
+        # Small arrays are read; the tokens and sentence lengths are mapped (read as pages are touched).
+        if size and name in ("tokens", "sentence_lengths"):
+            arrays[name] = np.memmap(path, dtype=dtype, mode="r")
+        else:
+            arrays[name] = np.fromfile(path, dtype=dtype)
+    return arrays
+
+
+def _units(corpus: "Corpus", root: pathlib.Path, tokenizer_digest: str) -> tuple[list[_Unit], list]:
+    """The units of a corpus (one per text file) and its patterns' (pattern, files, binary files) for
+    the checks; an explicitly named binary file is refused here, before any work."""
+    root = root / "corpora" / "units"
+    if corpus.spec.startswith("tfds:") or corpus.spec == PYTHON_DOCS:
+        key = _key([PREPARED_VERSION, corpus.fingerprint(), tokenizer_digest])
+        return [_Unit(key, root / key, corpus.description, corpus=corpus, size=sum(f.stat().st_size for f in corpus.files()))], []
+    units, patterns = [], []
+    for pattern, files, explicit in corpus._patterns():
+        binary = [path for path in files if _sniff(path)]
+        if explicit and binary:
+            _encoding(binary[0])  # raises the CorpusError that names it
+        for path in files:
+            if path in binary:
+                continue
+            stat = path.stat()
+            key = _key([PREPARED_VERSION, PARSE_VERSION, str(path.resolve()), stat.st_size, stat.st_mtime_ns, corpus.corpus_format, tokenizer_digest])
+            units.append(_Unit(key, root / key, str(path), path=path, size=stat.st_size))
+        patterns.append((pattern, files, binary))
+    return units, patterns
+
+
+def _key(parts: list) -> str:
+    return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:16]
+
+
+def _check_patterns(patterns: list, empty: set) -> None:
+    """The warnings and errors of a corpus's patterns: binary files skipped, files without text."""
+    for pattern, files, binary in patterns:
+        blank = [path for path in files if str(path) in empty]
+        if binary:
+            log.warning("%s: skipped %d binary file(s) that are not text: %s", pattern, len(binary), _some(binary))
+        if binary and len(binary) + len(blank) == len(files):
+            raise CorpusError(
+                f"config.data.corpus: {pattern!r} holds no text file ({len(binary)} binary: {_some(binary)}"
+                + (f"; {len(blank)} empty" if blank else "")
+                + ")"
+            )
+        if blank:
+            log.warning("%s: %d file(s) hold no text: %s", pattern, len(blank), _some(blank))
+
+
+def prepare_units(corpus: "Corpus", root: pathlib.Path, tokenizer, shard: tuple[int, int] | None = None) -> list[_Unit]:
+    """Prepare the units of `corpus` not yet prepared (with `shard` (i, n): only every n-th from the i-th,
+    so that n processes or hosts share the work) and return all of them."""
+    digest = hashlib.sha256(pathlib.Path(tokenizer.path).read_bytes()).hexdigest()
+    units, patterns = _units(corpus, root, digest)
+    mine = units if shard is None else units[shard[0] :: shard[1]]
+    todo = [unit for unit in mine if not unit.done]
+    if todo:
+        log.info("preparing %d of the %d file(s) of %s (%d reused)", len(todo), len(mine), corpus.description, len(mine) - len(todo))
+        _run(todo, corpus.corpus_format, tokenizer)
+    else:
+        log.info("reusing the prepared %s (%d file(s) in %s)", corpus.description, len(mine), units[0].directory.parent if units else "")
+    if shard is None:
+        empty = {unit.name for unit in units if not json.loads((unit.directory / "meta.json").read_text())["documents"]}
+        _check_patterns(patterns, empty)
+        if len(empty) == len(units):
+            files = corpus.files()
+            raise CorpusError(f"{corpus.description} holds no text: {_some(files)} {'is' if len(files) == 1 else 'are'} empty or blank")
+    return units
+
+
+def _documents_of(units: list[_Unit]) -> tuple[TokenizedDocuments, np.ndarray]:
+    """The units as one set of documents (tokens and sentence lengths mapped, not read) and the hash of each."""
+    arrays = [_load_unit(unit.directory) for unit in units]
+    sizes = np.concatenate([a["document_sentences"] for a in arrays])
+    hashes = np.concatenate([a["document_hash"] for a in arrays])
+    lengths_parts = [a["sentence_lengths"] for a in arrays if len(a["sentence_lengths"])]
+    lengths = lengths_parts[0] if len(lengths_parts) == 1 else np.concatenate(lengths_parts or [np.zeros(0, np.int32)])
+    tokens = TokenStore([a["tokens"] for a in arrays if len(a["tokens"])])
+    return TokenizedDocuments(tokens, lengths, np.concatenate([[0], np.cumsum(sizes)])), hashes
+
+
+def _pseudo(documents: TokenizedDocuments, hashes: np.ndarray, minimum: int, description: str) -> tuple[TokenizedDocuments, np.ndarray]:
+    """`pseudo_documents`'s rule on a prepared set; pseudo-documents are hashed by their tokens."""
+    cut = _pseudo_sizes(np.diff(documents.document_offsets).tolist(), minimum, description)
+    if cut is None:
+        return documents, hashes
+    documents = dataclasses.replace(documents, document_offsets=np.concatenate([[0], np.cumsum(cut)]))
+    bounds = documents.sentence_offsets[documents.document_offsets]
+    hashes = np.array(
+        [int.from_bytes(hashlib.blake2b(documents.tokens[b:e].tobytes(), digest_size=8).digest(), "little") for b, e in zip(bounds[:-1], bounds[1:])],
+        np.uint64,
+    )
+    return documents, hashes
+
+
+def prepare(config, tokenizer, shard: tuple[int, int] | None = None) -> dict[str, TokenizedDocuments] | None:
+    """The 'train' and 'eval' documents of `config.data` as token ids, prepared once and cached.
+
+    Files already prepared (by this or another process, for this or another corpus) are reused. With
+    `shard` (i, n), only this preparer's share of the files is prepared and nothing is returned. The
+    set's documents (pseudo-documents, the held-out choice) are decided once and stored under
+    corpora/sets/KEY.
+    """
+    root = cache_root(config)
+    train_corpus = Corpus.from_config(config)
+    eval_corpus = Corpus.from_config(config, config.data.eval_corpus) if config.data.eval_corpus else None
+    train_units = prepare_units(train_corpus, root, tokenizer, shard)
+    eval_units = prepare_units(eval_corpus, root, tokenizer, shard) if eval_corpus else []
+    if shard is not None:
+        return None
+    fraction = 0.0 if eval_corpus else config.data.eval_fraction
+    key = _key([[unit.key for unit in train_units], [unit.key for unit in eval_units], fraction])
+    train, hashes = _documents_of(train_units)
+    evaluation = _documents_of(eval_units)[0] if eval_corpus else None
+    directory = root / "corpora" / "sets" / key
+    if not (directory / "done").exists():
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        scratch = pathlib.Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{key}-"))
+        cut, cut_hashes = _pseudo(train, hashes, minimum_documents(fraction), train_corpus.description)
+        np.save(scratch / "train_documents.npy", cut.document_offsets)
+        np.save(scratch / "held_out.npy", _eval_choice(cut_hashes, fraction))
+        if eval_corpus:
+            np.save(scratch / "eval_documents.npy", _pseudo(evaluation, hashes[:0], minimum_documents(0), eval_corpus.description)[0].document_offsets)
+        (scratch / "done").write_text("")
+        publish(scratch, directory)
+    train = dataclasses.replace(train, document_offsets=np.load(directory / "train_documents.npy"))
+    held_out = np.load(directory / "held_out.npy")
+    if eval_corpus:
+        evaluation = dataclasses.replace(evaluation, document_offsets=np.load(directory / "eval_documents.npy"))
+    else:
+        evaluation = dataclasses.replace(train, document_ids=np.flatnonzero(held_out))
+        train = dataclasses.replace(train, document_ids=np.flatnonzero(~held_out))
+    if not len(train.tokens):
+        raise CorpusError(f"{train_corpus.description}: no document has any token")
+    log.info(
+        "%s: %d train documents, %d eval documents, %d tokens in all",
+        train_corpus.description,
+        train.num_documents,
+        evaluation.num_documents,
+        len(train.tokens) + (len(evaluation.tokens) if eval_corpus else 0),
+    )
+    return {"train": dataclasses.replace(train, key=f"{key}-train"), "eval": dataclasses.replace(evaluation, key=f"{key}-eval")}

@@ -13,9 +13,12 @@ same shape; finite and identical on every call.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
+import pathlib
+import tempfile
 
 import grain
 import numpy as np
@@ -26,6 +29,8 @@ from bertjax.data import tokenizer as tokenizer_lib
 SPLITS = ("train", "eval")
 # Instance tables of the eval split use a fixed seed, so evaluation data is the same for every data seed.
 EVAL_INSTANCE_SEED = masking.EVAL_SEED
+# Part of the key of stored instance tables: bumped when create_instances gives other instances.
+INSTANCE_TABLE_VERSION = 1
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +78,8 @@ def _prepared(data_json: str, vocab_size: int | None):
         if documents[split].num_documents == 0:
             continue
         seed = data.seed if split == "train" else EVAL_INSTANCE_SEED
-        instances[split], report = pretraining.create_instances(
-            documents[split], data.max_seq_length, data.short_seq_prob, data.sentence_objective, seed, f"the {split} split of {data.corpus!r}"
+        instances[split], report = instance_table(
+            documents[split], corpus.cache_root(config), data.max_seq_length, data.short_seq_prob, data.sentence_objective, seed, f"the {split} split of {data.corpus!r}"
         )
         log.info("%s instances of %s: %s", split, data.corpus, json.dumps(report))
         unused = report["single_sentence_documents_unused"] + report["trailing_single_sentences_unused"]
@@ -89,6 +94,29 @@ def _prepared(data_json: str, vocab_size: int | None):
                 data.sentence_objective,
             )
     return tokenizer, documents, instances
+
+
+def instance_table(documents, root, max_seq_length: int, short_seq_prob: float, objective: str, seed: int, name: str):
+    """`pretraining.create_instances` of a prepared split, computed once and stored beside the prepared
+    data (keyed by the split and the arguments); later starts map it from disk (np.load, mmap_mode='r')."""
+    key = corpus._key([documents.key, max_seq_length, short_seq_prob, objective, seed, INSTANCE_TABLE_VERSION])
+    directory = pathlib.Path(root) / "corpora" / "instances" / key
+    if not (directory / "done").exists():
+        table, report = pretraining.create_instances(documents, max_seq_length, short_seq_prob, objective, seed, name)
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        scratch = pathlib.Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{key}-"))
+        for field in dataclasses.fields(table):
+            if field.name != "objective":
+                np.save(scratch / f"{field.name}.npy", getattr(table, field.name))
+        (scratch / "report.json").write_text(json.dumps(report))
+        (scratch / "done").write_text("")
+        corpus.publish(scratch, directory)
+    arrays = {
+        field.name: np.load(directory / f"{field.name}.npy", mmap_mode="r")
+        for field in dataclasses.fields(pretraining.Instances)
+        if field.name != "objective"
+    }
+    return pretraining.Instances(objective=objective, **arrays), json.loads((directory / "report.json").read_text())
 
 
 def prepared(config):

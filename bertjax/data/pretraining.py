@@ -43,6 +43,10 @@ class Instances:
         return len(self.a_start)
 
 
+# Documents whose sentences create_instances holds as Python ints at a time.
+_BLOCK_DOCUMENTS = 4096
+
+
 def num_special_tokens(objective: str) -> int:
     return 2 if objective == "none" else 3
 
@@ -76,10 +80,8 @@ def create_instances(
     if max_tokens < 2:
         raise ValueError(f"config.data.max_seq_length={max_seq_length} leaves no room for two segments")
     sentence_offsets, document_offsets, long_sentences = _split_long_sentences(documents, max_tokens)
-    lengths = np.diff(sentence_offsets).tolist()
-    starts = sentence_offsets[:-1].tolist()
-    doc_bounds = document_offsets.tolist()
-    num_documents = len(doc_bounds) - 1
+    ids = documents.ids
+    num_documents = len(ids)
     paired = objective != "none"
     rng = np.random.default_rng([seed, 0x1A57])
     rows: list[tuple[int, int, int, int, int, int, int]] = []
@@ -89,53 +91,61 @@ def create_instances(
     def target_length() -> int:
         return int(rng.integers(2, max_tokens + 1)) if rng.random() < short_seq_prob else max_tokens
 
-    def segment(first: int, last: int) -> tuple[int, int]:
-        """Token start and length of sentences first..last-1."""
-        return starts[first], sum(lengths[first:last])
+    # Documents are walked a block at a time with their sentences as Python ints (fast to loop over);
+    # the random segments of NSP come from anywhere and read the arrays.
+    for block in range(0, num_documents, _BLOCK_DOCUMENTS):
+        block_ids = ids[block : block + _BLOCK_DOCUMENTS]
+        base = int(document_offsets[block_ids[0]])
+        block_offsets = sentence_offsets[base : int(document_offsets[block_ids[-1] + 1]) + 1].tolist()
+        lengths = [end - begin for begin, end in zip(block_offsets[:-1], block_offsets[1:])]
 
-    for document in range(num_documents):
-        first, end = doc_bounds[document], doc_bounds[document + 1]
-        if paired and end - first < 2:
-            single_sentence_documents += 1
-            continue
-        target = target_length()
-        chunk_start, chunk_tokens, i = first, 0, first
-        while i < end:
-            chunk_tokens += lengths[i]
-            chunk_end = i + 1
-            full = chunk_tokens >= target
-            if not (full or chunk_end == end) or (paired and full and chunk_end - chunk_start < 2 and chunk_end < end):
-                i += 1
+        def segment(first: int, last: int) -> tuple[int, int]:
+            """Token start and length of the block's sentences first..last-1."""
+            return block_offsets[first], block_offsets[last] - block_offsets[first]
+
+        for position, document in enumerate(block_ids.tolist(), start=block):
+            first, end = int(document_offsets[document]) - base, int(document_offsets[document + 1]) - base
+            if paired and end - first < 2:
+                single_sentence_documents += 1
                 continue
-            i += 1
-            if not paired:
-                a_start, a_length = segment(chunk_start, chunk_end)
-                rows.append((a_start, a_length, a_start, 0, 0, document, document))
-            elif chunk_end - chunk_start < 2:
-                leftover_sentences += 1
-            else:
-                a_end = int(rng.integers(chunk_start + 1, chunk_end))
-                a_start, a_length = segment(chunk_start, a_end)
-                if objective == "nsp" and num_documents > 1 and rng.random() < 0.5:
-                    other = int(rng.integers(0, num_documents - 1))
-                    other += other >= document
-                    other_first, other_end = doc_bounds[other], doc_bounds[other + 1]
-                    b_first = int(rng.integers(other_first, other_end))
-                    b_last, b_tokens = b_first, 0
-                    while b_last < other_end and (b_last == b_first or b_tokens < target - a_length):
-                        b_tokens += lengths[b_last]
-                        b_last += 1
-                    b_start, b_length = segment(b_first, b_last)
-                    rows.append((a_start, a_length, b_start, b_length, 1, document, other))
-                    i = a_end  # the real continuation was not used: it starts the next chunk
-                else:
-                    b_start, b_length = segment(a_end, chunk_end)
-                    if objective == "sop" and rng.random() < 0.5:
-                        rows.append((b_start, b_length, a_start, a_length, 1, document, document))
-                    else:
-                        rows.append((a_start, a_length, b_start, b_length, 0, document, document))
-            chunk_start, chunk_tokens = i, 0
             target = target_length()
+            chunk_start, chunk_tokens, i = first, 0, first
+            while i < end:
+                chunk_tokens += lengths[i]
+                chunk_end = i + 1
+                full = chunk_tokens >= target
+                if not (full or chunk_end == end) or (paired and full and chunk_end - chunk_start < 2 and chunk_end < end):
+                    i += 1
+                    continue
+                i += 1
+                if not paired:
+                    a_start, a_length = segment(chunk_start, chunk_end)
+                    rows.append((a_start, a_length, a_start, 0, 0, document, document))
+                elif chunk_end - chunk_start < 2:
+                    leftover_sentences += 1
+                else:
+                    a_end = int(rng.integers(chunk_start + 1, chunk_end))
+                    a_start, a_length = segment(chunk_start, a_end)
+                    if objective == "nsp" and num_documents > 1 and rng.random() < 0.5:
+                        other = int(rng.integers(0, num_documents - 1))
+                        other = int(ids[other + (other >= position)])
+                        other_first, other_end = int(document_offsets[other]), int(document_offsets[other + 1])
+                        b_first = int(rng.integers(other_first, other_end))
+                        b_last = b_first + 1
+                        need = target - a_length
+                        while b_last < other_end and sentence_offsets[b_last] - sentence_offsets[b_first] < need:
+                            b_last += 1
+                        b_start, b_length = int(sentence_offsets[b_first]), int(sentence_offsets[b_last] - sentence_offsets[b_first])
+                        rows.append((a_start, a_length, b_start, b_length, 1, document, other))
+                        i = a_end  # the real continuation was not used: it starts the next chunk
+                    else:
+                        b_start, b_length = segment(a_end, chunk_end)
+                        if objective == "sop" and rng.random() < 0.5:
+                            rows.append((b_start, b_length, a_start, a_length, 1, document, document))
+                        else:
+                            rows.append((a_start, a_length, b_start, b_length, 0, document, document))
+                chunk_start, chunk_tokens = i, 0
+                target = target_length()
     if objective == "nsp" and num_documents < 2:
         raise CorpusError(
             f"objective 'nsp' needs at least two documents (its random segments come from another document) "
@@ -162,7 +172,7 @@ def create_instances(
     report = dict(
         instances=len(instances),
         documents=num_documents,
-        sentences=len(lengths),
+        sentences=int(document_offsets[ids + 1].sum() - document_offsets[ids].sum()),
         long_sentences_split=long_sentences,
         single_sentence_documents_unused=single_sentence_documents if paired else 0,
         trailing_single_sentences_unused=leftover_sentences,
