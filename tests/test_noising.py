@@ -1,6 +1,7 @@
 """BART's corruptions on real text: realised rates against the settings, span lengths against the
 Poisson law, permutation and rotation recoverable, purity in (seed, epoch, index), and bad input."""
 
+import json
 import math
 
 import ml_collections
@@ -334,3 +335,41 @@ def test_noising_config_switches_corruptions_on_by_name():
     config.data.noising.span_mean = 3.0
     with pytest.raises(ConfigError, match=r"unknown keys \['span_mean'\]"):
         config_lib.validate(config)
+
+
+def test_data_stats_and_show_verbs_for_a_seq2seq_config(shared_data, tmp_path, capsys):
+    """`bertjax data stats|show` on a config with data.noising: realised corruption rates, source above target."""
+    from bertjax import cli
+
+    text = corpus.read_text(shared_data / "corpus" / "pride-and-prejudice.txt")
+    start = text.index("It is a truth universally acknowledged")
+    (tmp_path / "novel.txt").write_text(text[start : start + 60_000])
+    (tmp_path / "denoise.py").write_text(
+        "from bertjax import config as config_lib\n\n\n"
+        "def get_config():\n"
+        "    config = config_lib.pretrain_config('tiny')\n"
+        "    config.data.sentence_objective = 'none'\n"
+        "    config.data.noising = config_lib.noising_config('infilling', 'permutation', 'rotation')\n"
+        "    return config\n"
+    )
+    overrides = [
+        f"--config={tmp_path / 'denoise.py'}",
+        f"--config.data.corpus={tmp_path / 'novel.txt'}",
+        f"--config.data.data_dir={tmp_path / 'cache'}",
+        "--config.model.vocab_size=400",
+        "--config.data.max_seq_length=64",
+        "--config.train.batch_size=8",
+    ]
+    assert cli.main(["data", "stats", "--batches", "20", *overrides]) in (None, 0)
+    stats = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert stats["examples"] == 160 and stats["split"] == "train"
+    assert abs(stats["infilled_unit_fraction"] - 0.3) < rounding_tolerance(160, stats["units"])
+    # Every example is rotated but those too short to rotate (counted).
+    assert round(stats["rotated_fraction"] * 160) + stats["unrotatable_documents"] + stats["empty_documents"] == 160
+    assert stats["masked_fraction"] == stats["deleted_fraction"] == 0.0
+    assert cli.main(["data", "show", "--examples", "2", *overrides]) in (None, 0)
+    shown = capsys.readouterr().out
+    assert shown.count("--- example") == 2 and shown.count("source: [CLS]") == 2 and "[MASK]" in shown
+    assert shown.count("target: [CLS]") == 2
+    assert cli.main(["data", "stats", *overrides, "--config.data.sentence_objective=nsp"]) == 1
+    assert "sentence_objective='nsp'" in capsys.readouterr().err

@@ -12,7 +12,15 @@ from bertjax.data import tokenizer as tokenizer_lib
 
 
 def stats(config, split: str = "train", num_batches: int = 20) -> dict:
-    """Realised statistics of `num_batches` batches of this process (one JSON-able dict)."""
+    """Realised statistics of `num_batches` batches of this process (one JSON-able dict); for a
+    seq2seq config (one with `data.noising`), the realised corruption rates."""
+    if "noising" in config.data:
+        from bertjax.data import noising
+
+        start = time.perf_counter()
+        _, examples = _seq2seq_examples(config, split, num_batches * config.train.batch_size)
+        seconds = time.perf_counter() - start
+        return dict(split=split, **noising.realised_stats([e.record for e in examples]), examples_per_second=len(examples) / seconds)
     tokenizer = loader.prepared(config)[0]
     iterator = loader.batches(config, split, process_index=0, process_count=1)
     totals = dict(examples=0, real=0, chosen=0, mask=0, random=0, keep=0, padding=0, positions=0, label_1=0, labelled=0)
@@ -83,8 +91,36 @@ def render(tokenizer, batch: dict, row: int) -> str:
     return "".join(parts).strip()
 
 
+def _seq2seq_examples(config, split: str, count: int):
+    """The tokenizer and the first `count` seq2seq examples of `split` (instance order, epoch 0):
+    chunks of whole sentences (as sentence_objective 'none' gathers them), corrupted by `data.noising`."""
+    from bertjax.data import corpus, noising
+
+    tokenizer, documents, instances = loader.prepared(config)
+    if split not in instances:
+        raise corpus.CorpusError(f"the {split} split of {config.data.corpus!r} is empty: set config.data.eval_fraction > 0 or config.data.eval_corpus")
+    table, split_documents = instances[split], documents[split]
+    index = np.arange(min(count, len(table)))
+    chunks = [
+        noising.segment(split_documents.tokens, split_documents.sentence_offsets, start, length)
+        for start, length in zip(table.a_start[index].tolist(), table.a_length[index].tolist())
+    ]
+    noiser = noising.Noiser(noising.NoisingSpec.from_config(config), tokenizer, config.data.max_seq_length)
+    return tokenizer, noiser.examples(chunks, 0, index)
+
+
 def show(config, split: str = "train", num_examples: int = 3) -> str:
-    """The first `num_examples` examples of `split`, decoded, with segment labels and masks marked."""
+    """The first `num_examples` examples of `split`, decoded, with segment labels and masks marked
+    (seq2seq: the corrupted source above the target)."""
+    if "noising" in config.data:
+        tokenizer, examples = _seq2seq_examples(config, split, num_examples)
+        lines = []
+        for number, example in enumerate(examples):
+            record = example.record
+            lines.append(f"--- example {number} ({len(example.target)} target tokens, {len(example.source)} source tokens, rotation offset {record['rotation_offset']})")
+            lines.append("source: " + "".join(_piece_text(tokenizer, int(i)) for i in example.source).strip())
+            lines.append("target: " + "".join(_piece_text(tokenizer, int(i)) for i in example.target).strip())
+        return "\n".join(lines)
     tokenizer = loader.prepared(config)[0]
     lines = []
     shown = 0

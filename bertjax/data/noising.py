@@ -120,6 +120,11 @@ class NoisingSpec:
         unknown = sorted(set(noising.keys()) - set(known))
         if unknown:
             raise ConfigError(f"config.data.noising has unknown keys {unknown}: the keys are {known}")
+        objective = config.data.get("sentence_objective", "none")
+        if objective != "none":
+            raise ConfigError(
+                f"config.data.sentence_objective={objective!r}: a seq2seq (data.noising) example is one chunk of whole sentences; set it to 'none'"
+            )
         return cls(**noising.to_dict(), seed=config.data.seed)
 
 
@@ -154,6 +159,7 @@ class Noiser:
         self.decoder_start_id = self.eos_id if decoder_start_id is None else decoder_start_id
         self.word_start = np.asarray(tokenizer.word_start, np.bool_)
         self.replacement_ids = np.flatnonzero(~np.asarray(tokenizer.is_special, np.bool_)).astype(np.int32)
+        self._token_noise = any(getattr(spec, key) > 0 for key in TOKEN_CORRUPTIONS)
 
     def example(self, tokens, sentence_lengths, epoch: int, index: int) -> Example:
         """The source and target of one document (tokens and its sentence lengths, which sum to its length)."""
@@ -171,7 +177,8 @@ class Noiser:
         body = tokens
         if len(tokens):
             body, lengths = self._permute(body, lengths, rng, record)
-            body = self._corrupt_tokens(body, lengths, rng, record)
+            if self._token_noise:
+                body = self._corrupt_tokens(body, lengths, rng, record)
             body = self._rotate(body, rng, record)
         record.update(source_tokens=min(len(body), keep), source_cut_tokens=max(len(body) - keep, 0))
         source = np.concatenate([[self.bos_id], body[:keep], [self.eos_id]]).astype(np.int32)
