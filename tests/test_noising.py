@@ -10,7 +10,7 @@ import pytest
 
 from bertjax import config as config_lib
 from bertjax.config import ConfigError
-from bertjax.data import corpus, noising
+from bertjax.data import corpus, masking, noising
 from bertjax.data import tokenizer as tokenizer_lib
 
 MAX_LENGTH = 128
@@ -329,6 +329,8 @@ def test_noising_config_switches_corruptions_on_by_name():
     assert (bart.infilling, bart.permutation, bart.masking, bart.deletion, bart.rotation) == (0.3, 1.0, 0.0, 0.0, 0.0)
     spec = noising.NoisingSpec.from_config(ml_collections.ConfigDict({"data": {"seed": 7, "noising": config_lib.noising_config("rotation")}}))
     assert (spec.rotation, spec.infilling, spec.seed) == (1.0, 0.0, 7)
+    eval_spec = noising.NoisingSpec.from_config(ml_collections.ConfigDict({"data": {"seed": 7, "noising": config_lib.noising_config()}}), "eval")
+    assert eval_spec.seed == masking.EVAL_SEED  # held-out sources do not depend on the data seed
     with pytest.raises(ConfigError, match="unknown corruption 'shuffle'"):
         config_lib.noising_config("shuffle")
     config = noising_settings()
@@ -371,5 +373,7 @@ def test_data_stats_and_show_verbs_for_a_seq2seq_config(shared_data, tmp_path, c
     shown = capsys.readouterr().out
     assert shown.count("--- example") == 2 and shown.count("source: [CLS]") == 2 and "[MASK]" in shown
     assert shown.count("target: [CLS]") == 2
+    assert cli.main(["data", "stats", "--split", "eval", "--batches", "1", *overrides]) in (None, 0)
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["split"] == "eval"
     assert cli.main(["data", "stats", *overrides, "--config.data.sentence_objective=nsp"]) == 1
     assert "sentence_objective='nsp'" in capsys.readouterr().err

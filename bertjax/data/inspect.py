@@ -99,14 +99,9 @@ def _seq2seq_examples(config, split: str, count: int):
     tokenizer, documents, instances = loader.prepared(config)
     if split not in instances:
         raise corpus.CorpusError(f"the {split} split of {config.data.corpus!r} is empty: set config.data.eval_fraction > 0 or config.data.eval_corpus")
-    table, split_documents = instances[split], documents[split]
-    index = np.arange(min(count, len(table)))
-    chunks = [
-        noising.segment(split_documents.tokens, split_documents.sentence_offsets, start, length)
-        for start, length in zip(table.a_start[index].tolist(), table.a_length[index].tolist())
-    ]
-    noiser = noising.Noiser(noising.NoisingSpec.from_config(config), tokenizer, config.data.max_seq_length)
-    return tokenizer, noiser.examples(chunks, 0, index)
+    index = np.arange(min(count, len(instances[split])))
+    noiser = noising.Noiser(noising.NoisingSpec.from_config(config, split), tokenizer, config.data.max_seq_length)
+    return tokenizer, noiser.examples(noising.chunks(documents[split], instances[split], index), 0, index)
 
 
 def show(config, split: str = "train", num_examples: int = 3) -> str:

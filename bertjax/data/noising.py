@@ -51,6 +51,7 @@ from typing import Sequence
 import numpy as np
 
 from bertjax.config import CORRUPTIONS, ConfigError
+from bertjax.data.masking import EVAL_SEED
 
 _TAG = 0xB0A7  # the noising stream of the (seed, epoch, index) generators: unlike any other module's
 TOKEN_CORRUPTIONS = ("masking", "deletion", "infilling")
@@ -113,8 +114,9 @@ class NoisingSpec:
             raise ConfigError(f"config.data.noising.poisson_lambda={self.poisson_lambda!r}: must be positive")
 
     @classmethod
-    def from_config(cls, config) -> "NoisingSpec":
-        """The spec of `config.data.noising` with the data seed."""
+    def from_config(cls, config, split: str = "train") -> "NoisingSpec":
+        """The spec of `config.data.noising`: with the data seed for training; for evaluation with a
+        fixed seed (masking.EVAL_SEED, use epoch 0), so held-out sources are the same for every data seed."""
         noising = config.data.noising
         known = [f.name for f in dataclasses.fields(cls) if f.name != "seed"]
         unknown = sorted(set(noising.keys()) - set(known))
@@ -125,7 +127,7 @@ class NoisingSpec:
             raise ConfigError(
                 f"config.data.sentence_objective={objective!r}: a seq2seq (data.noising) example is one chunk of whole sentences; set it to 'none'"
             )
-        return cls(**noising.to_dict(), seed=config.data.seed)
+        return cls(**noising.to_dict(), seed=config.data.seed if split == "train" else EVAL_SEED)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,6 +146,14 @@ def segment(tokens: np.ndarray, sentence_offsets: np.ndarray, start: int, length
     inside = sentence_offsets[(sentence_offsets > start) & (sentence_offsets < end)]
     bounds = np.concatenate([[start], inside, [end]])
     return np.asarray(tokens[start:end]), np.diff(bounds)
+
+
+def chunks(documents, instances, index: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(tokens, sentence lengths) of pretraining instances `index` of objective 'none' (each one
+    chunk of whole sentences, segment A) in `documents` (a TokenizedDocuments): the documents a
+    seq2seq batch corrupts."""
+    starts, lengths = instances.a_start[index].tolist(), instances.a_length[index].tolist()
+    return [segment(documents.tokens, documents.sentence_offsets, start, length) for start, length in zip(starts, lengths)]
 
 
 class Noiser:
