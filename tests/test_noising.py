@@ -225,9 +225,17 @@ def test_combined_corruptions_take_disjoint_shares(text_data):
     assert abs(stats["masked_unit_fraction"] - 0.2) < tolerance
     assert abs(stats["deleted_unit_fraction"] - 0.2) < tolerance
     assert abs(stats["infilled_unit_fraction"] - 0.3) < tolerance
+    tokenizer = text_data[0]
     for example in examples:
         record = example.record
         assert record["masked_units"] + record["deleted_units"] + record["infilled_units"] <= record["units"]
+        # Unrotated and uncut, the source is the target (its sentences reordered) minus the deleted and
+        # infilled tokens, plus one [MASK] per span; masked tokens are [MASK]s one for one.
+        if record["rotation_offset"] == 0 and record["source_cut_tokens"] == 0:
+            source, target = bodies(example)
+            spans = len(record["span_lengths"])
+            assert len(source) == len(target) - record["deleted_tokens"] - record["infilled_tokens"] + spans
+            assert (source == tokenizer.mask_id).sum() == record["masked_tokens"] + spans
 
 
 def test_pure_function_of_seed_epoch_and_index(text_data):
