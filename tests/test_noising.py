@@ -303,6 +303,24 @@ def test_empty_single_sentence_and_overlong_documents_are_counted_repairs(text_d
     assert stats["cut_documents"] == 2 and stats["source_cut_tokens"] == grown.record["source_cut_tokens"]
 
 
+def test_batch_builder_corrupts_the_chunks_of_objective_none_instances(text_data):
+    """What loader.batches maps over (instance id, epoch) pairs for a seq2seq config."""
+    from bertjax.data import pretraining
+
+    tokenizer, documents = text_data
+    prepared = corpus.TokenizedDocuments.from_records([(tokens, lengths) for tokens, lengths in documents])
+    instances, _ = pretraining.create_instances(prepared, MAX_LENGTH, 0.1, "none", 0)
+    noiser = noising.Noiser(noising.NoisingSpec(infilling=0.3, permutation=1.0), tokenizer, MAX_LENGTH)
+    ids_and_epochs = np.array([[5, 0], [9, 2], [40, 1]])
+    batch = noising.BatchBuilder(prepared, instances, noiser)(ids_and_epochs)
+    for row, (instance, epoch) in enumerate(ids_and_epochs.tolist()):
+        start, length = int(instances.a_start[instance]), int(instances.a_length[instance])
+        chunk = prepared.tokens[start : start + length]
+        assert batch["labels"][row, 1 : length + 1].tolist() == chunk.tolist()
+        expected = noiser.example(*noising.segment(prepared.tokens, prepared.sentence_offsets, start, length), epoch, instance)
+        assert batch["input_ids"][row, : len(expected.source)].tolist() == expected.source.tolist()
+
+
 def test_segment_splits_a_flat_array_at_its_sentence_offsets():
     tokens = np.arange(20)
     offsets = np.array([0, 4, 9, 15, 20])

@@ -156,6 +156,20 @@ def chunks(documents, instances, index: np.ndarray) -> list[tuple[np.ndarray, np
     return [segment(documents.tokens, documents.sentence_offsets, start, length) for start, length in zip(starts, lengths)]
 
 
+class BatchBuilder:
+    """Turns a [B, 2] array of (instance id, epoch) into a seq2seq batch: the map function of
+    `loader.batches` for a config with `data.noising` (as loader.BatchBuilder is for masked LM)."""
+
+    def __init__(self, documents, instances, noiser: "Noiser"):
+        self.documents = documents
+        self.instances = instances
+        self.noiser = noiser
+
+    def __call__(self, ids_and_epochs: np.ndarray) -> dict[str, np.ndarray]:
+        index, epoch = ids_and_epochs[:, 0], ids_and_epochs[:, 1]
+        return self.noiser(chunks(self.documents, self.instances, index), epoch, index)
+
+
 class Noiser:
     """Applies a NoisingSpec with one tokenizer's special ids and word starts, at one `max_length`."""
 
