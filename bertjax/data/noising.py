@@ -194,8 +194,9 @@ class Noiser:
         rng = np.random.default_rng([self.spec.seed, int(epoch), int(index), _TAG])
         keep = self.max_length - 2
         record = dict(_EMPTY_RECORD, cut_tokens=max(len(tokens) - keep, 0))
-        tokens = tokens[:keep]
-        lengths = np.diff(np.minimum(np.concatenate([[0], np.cumsum(lengths)]), len(tokens)))
+        if record["cut_tokens"]:
+            tokens = tokens[:keep]
+            lengths = np.diff(np.minimum(np.concatenate([[0], np.cumsum(lengths)]), keep))
         lengths = lengths[lengths > 0]
         record.update(tokens=len(tokens), sentences=len(lengths), empty=len(tokens) == 0)
         body = tokens
@@ -306,14 +307,15 @@ class Noiser:
         chosen = free_units[rng.permutation(len(free_units))[: mask_budget + delete_budget]]
         state[chosen[:mask_budget]] = _MASK
         state[chosen[mask_budget:]] = _DELETE
+        tokens_in = np.bincount(state, weights=unit_tokens, minlength=4).astype(np.int64).tolist()
         record.update(
             units=units,
             masked_units=mask_budget,
-            masked_tokens=int(unit_tokens[state == _MASK].sum()),
+            masked_tokens=tokens_in[_MASK],
             deleted_units=delete_budget,
-            deleted_tokens=int(unit_tokens[state == _DELETE].sum()),
+            deleted_tokens=tokens_in[_DELETE],
             infilled_units=span_budget,
-            infilled_tokens=int(unit_tokens[state == _SPAN].sum()),
+            infilled_tokens=tokens_in[_SPAN],
             span_starts=first_unit,
             span_lengths=spans,
             span_draws=draws,
@@ -323,10 +325,9 @@ class Noiser:
         inserts = np.bincount(first_unit[spans == 0], minlength=units + 1)
         opens = np.zeros(units, np.bool_)
         opens[first_unit[spans > 0]] = True
-        unit_first_token = np.diff(unit_of, prepend=-1) > 0
         token_state = state[unit_of]
-        emit = (token_state == _KEEP) | (token_state == _MASK) | (opens[unit_of] & unit_first_token)
-        per_token = np.where(unit_first_token, inserts[unit_of], 0) + emit
+        emit = (token_state <= _MASK) | (opens[unit_of] & starts)  # kept, masked, or opening a span
+        per_token = np.where(starts, inserts[unit_of], 0) + emit
         out = np.full(int(per_token.sum()) + int(inserts[units]), self.mask_id, np.int32)
         out[(np.cumsum(per_token) - 1)[emit]] = np.where(token_state == _KEEP, tokens, self.mask_id)[emit]
         if spec.mask_random > 0:
