@@ -143,9 +143,8 @@ def segment(tokens: np.ndarray, sentence_offsets: np.ndarray, start: int, length
     """Tokens [start, start + length) of a flat token array and the lengths of the sentences (or
     their parts) in it, given the array's sentence offsets (pretraining.py's layout)."""
     end = start + length
-    inside = sentence_offsets[(sentence_offsets > start) & (sentence_offsets < end)]
-    bounds = np.concatenate([[start], inside, [end]])
-    return np.asarray(tokens[start:end]), np.diff(bounds)
+    inside = sentence_offsets[np.searchsorted(sentence_offsets, start, "right") : np.searchsorted(sentence_offsets, end, "left")]
+    return np.asarray(tokens[start:end]), np.diff(np.concatenate([[start], inside, [end]]))
 
 
 def chunks(documents, instances, index: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
