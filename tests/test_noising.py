@@ -390,7 +390,7 @@ def test_data_stats_and_show_verbs_for_a_seq2seq_config(shared_data, tmp_path, c
     ]
     assert cli.main(["data", "stats", "--batches", "20", *overrides]) in (None, 0)
     stats = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert stats["examples"] == 160 and stats["split"] == "train"
+    assert stats["examples"] == 160 and stats["split"] == "train" and stats["configured"]["infilling"] == 0.3
     assert abs(stats["infilled_unit_fraction"] - 0.3) < rounding_tolerance(160, stats["units"])
     # Every example is rotated but those too short to rotate (counted).
     assert round(stats["rotated_fraction"] * 160) + stats["unrotatable_documents"] + stats["empty_documents"] == 160

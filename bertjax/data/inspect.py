@@ -7,6 +7,7 @@ import time
 
 import numpy as np
 
+from bertjax.config import CORRUPTIONS
 from bertjax.data import loader
 from bertjax.data import tokenizer as tokenizer_lib
 
@@ -20,7 +21,9 @@ def stats(config, split: str = "train", num_batches: int = 20) -> dict:
         start = time.perf_counter()
         _, examples = _seq2seq_examples(config, split, num_batches * config.train.batch_size)
         seconds = time.perf_counter() - start
-        return dict(split=split, **noising.realised_stats([e.record for e in examples]), examples_per_second=len(examples) / seconds)
+        configured = {key: config.data.noising[key] for key in (*CORRUPTIONS, "poisson_lambda")}
+        realised = noising.realised_stats([e.record for e in examples])
+        return dict(split=split, configured=configured, **realised, examples_per_second=len(examples) / seconds)
     tokenizer = loader.prepared(config)[0]
     iterator = loader.batches(config, split, process_index=0, process_count=1)
     totals = dict(examples=0, real=0, chosen=0, mask=0, random=0, keep=0, padding=0, positions=0, label_1=0, labelled=0)
