@@ -117,3 +117,103 @@ def test_min_length_forbids_an_early_eos():
         tokens, lengths = search(kind, table, 1, 8, min_length=4, **kwargs)
         # HF's meaning: no EOS while the sequence (start token included) is shorter than min_length
         assert lengths[0] == 5 and tokens[0, 4] == EOS and EOS not in tokens[0, 1:4].tolist(), kind
+
+
+# ------------------------------------------------------------------------------- the seq2seq model
+
+
+BART_IDS = dict(pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=0)
+
+
+@pytest.fixture(scope="module")
+def bart(tmp_path_factory):
+    """(HF BartForConditionalGeneration, its bertjax conversion, variables): random weights scaled up
+    (init_std 0.2) so that next-token choices are clear, not near-ties float rounding could flip, and an
+    EOS bias that ends some sequences early and not others. The decoder starts with <s>, not BART's
+    </s>, which this random model would answer with EOS at once."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from bertjax.convert import hf
+
+    torch.manual_seed(2)
+    config = transformers.BartConfig(
+        vocab_size=48, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
+        encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=32, dropout=0.0, attention_dropout=0.0,
+        activation_dropout=0.0, init_std=0.2, forced_eos_token_id=None, **BART_IDS,
+    )
+    reference = transformers.BartForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        reference.final_logits_bias[0, BART_IDS["eos_token_id"]] = 1.0
+    directory = tmp_path_factory.mktemp("bart")
+    reference.save_pretrained(directory)
+    model, variables = hf.load(directory)
+    return reference, model, variables
+
+
+def source_batch(vocab: int, seed: int = 0):
+    """Four sources of lengths 9, 5, 7, 3: right padding with the pad id, BART's <s> ... </s> framing."""
+    rng = np.random.default_rng(seed)
+    lengths = [9, 5, 7, 3]
+    input_ids = np.full((len(lengths), max(lengths)), 1, np.int32)
+    attention_mask = np.zeros_like(input_ids)
+    for row, length in enumerate(lengths):
+        input_ids[row, :length] = [0, *rng.integers(3, vocab, length - 2), 2]
+        attention_mask[row, :length] = 1
+    return input_ids, attention_mask
+
+
+def uncached_search(model, variables, input_ids, attention_mask, beams, max_length, **options):
+    """The same searches over a step that re-runs the whole decoder on the tokens so far (no KV cache):
+    its 'cache' is the token history, which beam search reorders like any other."""
+    params = variables["params"]
+    encoder_hidden = model.apply(variables, input_ids, attention_mask, method=model.encode)
+    encoder_hidden, attention_mask = generate.repeat_rows((encoder_hidden, jnp.asarray(attention_mask)), beams)
+
+    def step(tokens, history, position):
+        history = jax.lax.dynamic_update_slice_in_dim(history, tokens, position, axis=1)
+        logits = model.apply({"params": params}, history, encoder_hidden, attention_mask, method=model.decode)
+        return jax.lax.dynamic_index_in_dim(logits, position, axis=1, keepdims=False), history
+
+    cfg = model.cfg
+    history = jnp.full((input_ids.shape[0] * beams, max_length), cfg.pad_token_id, jnp.int32)
+    starts = jnp.full((input_ids.shape[0],), cfg.decoder_start_token_id, jnp.int32)
+    ids = dict(max_length=max_length, eos_id=cfg.eos_token_id, pad_id=cfg.pad_token_id)
+    if beams == 1:
+        tokens, lengths = jax.jit(lambda h: generate.greedy(step, h, starts, **ids))(history)
+    else:
+        tokens, lengths = jax.jit(lambda h: generate.beam_search(step, h, starts, beams=beams, **ids, **options))(history)
+    return np.asarray(tokens)[:, : int(np.max(lengths))]
+
+
+@pytest.mark.parametrize("beams", [1, 4])
+def test_cached_generation_equals_the_uncached_forward(bart, beams):
+    _, model, variables = bart
+    input_ids, attention_mask = source_batch(model.cfg.vocab_size)
+    cached = generate.generate(model, variables, input_ids, attention_mask, num_beams=beams, max_length=14)
+    uncached = uncached_search(model, variables, input_ids, attention_mask, beams, 14)
+    np.testing.assert_array_equal(cached, uncached)
+    assert cached.shape[1] == 14  # some sequence runs to max_length: the cache is used every step
+
+
+@pytest.mark.parametrize("options", [dict(num_beams=1), dict(num_beams=4), dict(num_beams=4, length_penalty=2.0, early_stopping="never")])
+def test_generation_equals_huggingface(bart, options):
+    """The tokens of HF `generate` with every extra processor off (forced BOS/EOS, n-gram blocking,
+    repetition penalty): greedy, and beam search under HF's default and 'never' stopping rules.
+    On this batch the rows end at different steps (greedy: after 1, 10 and 1 tokens and at max_length),
+    and greedy and beam 4 differ (row 0 runs to max_length in the beam)."""
+    import torch
+    import transformers
+
+    reference, model, variables = bart
+    input_ids, attention_mask = source_batch(model.cfg.vocab_size)
+    settings = transformers.GenerationConfig(
+        do_sample=False, max_length=14, min_length=0, no_repeat_ngram_size=0, repetition_penalty=1.0,
+        forced_bos_token_id=None, forced_eos_token_id=None, length_penalty=1.0, early_stopping=False, **BART_IDS,
+    )
+    settings.update(**options)
+    with torch.no_grad():
+        expected = reference.generate(
+            torch.tensor(input_ids, dtype=torch.long), attention_mask=torch.tensor(attention_mask, dtype=torch.long), generation_config=settings
+        ).numpy()
+    tokens = generate.generate(model, variables, input_ids, attention_mask, max_length=14, **options)
+    np.testing.assert_array_equal(tokens, expected)

@@ -188,3 +188,71 @@ def beam_search(
 
     s = jax.lax.while_loop(lambda s: ~s["stop"] & (s["length"] < max_length), body, state)
     return s["done"][:, 0], s["done_lengths"][:, 0]
+
+
+def repeat_rows(tree: Any, times: int) -> Any:
+    """Each row (axis 0) of every non-scalar leaf repeated `times` times in place: [B, ...] -> [B * times, ...]."""
+    return jax.tree.map(lambda leaf: leaf if leaf.ndim == 0 else jnp.repeat(leaf, times, axis=0), tree)
+
+
+def cached_step(model, params, attention_mask: jax.Array) -> StepFn:
+    """The seq2seq model's step: one token through the decoder over its KV cache (`Seq2Seq.decode`)."""
+
+    def step(tokens, cache, position):
+        logits, mutated = model.apply(
+            {"params": params, "cache": cache}, tokens, None, attention_mask, decode=True, method=model.decode, mutable=["cache"]
+        )
+        return logits[:, -1], mutated["cache"]
+
+    return step
+
+
+@functools.partial(jax.jit, static_argnames=("model", "num_beams", "max_length", "length_penalty", "min_length", "early_stopping"))
+def _generate(model, params, input_ids, attention_mask, *, num_beams, max_length, length_penalty, min_length, early_stopping):
+    cfg = model.cfg
+    encoder_hidden = model.apply({"params": params}, input_ids, attention_mask, method=model.encode)
+    encoder_hidden, attention_mask = repeat_rows((encoder_hidden, attention_mask), num_beams)
+    cache = model.init_cache({"params": params}, encoder_hidden, max_length)
+    starts = jnp.full((input_ids.shape[0],), cfg.decoder_start_token_id, jnp.int32)
+    ids = {"max_length": max_length, "eos_id": cfg.eos_token_id, "pad_id": cfg.pad_token_id, "min_length": min_length}
+    if num_beams == 1:
+        return greedy(cached_step(model, params, attention_mask), cache, starts, **ids)
+    return beam_search(
+        cached_step(model, params, attention_mask), cache, starts, beams=num_beams, length_penalty=length_penalty, early_stopping=early_stopping, **ids
+    )
+
+
+def generate(
+    model,
+    variables: dict,
+    input_ids,
+    attention_mask=None,
+    *,
+    num_beams: int = 1,
+    max_length: int = 20,
+    length_penalty: float = 1.0,
+    min_length: int = 0,
+    early_stopping: bool | str = False,
+) -> np.ndarray:
+    """Token ids [B, T] from a `Seq2Seq` model, as HF `generate` returns them: the decoder start token
+    first, EOS ending each finished sequence, pad after it, T the longest sequence (at most `max_length`).
+
+    One compiled program per (model, shapes, settings): the encoder runs once, the decoder one token per
+    step over its KV cache, greedy when `num_beams` is 1, else beam search (module docstring).
+    """
+    if max_length < 2:
+        raise ValueError(f"max_length={max_length}: it counts the decoder start token, so at least 2 generates anything")
+    input_ids = jnp.asarray(input_ids, jnp.int32)
+    attention_mask = jnp.ones_like(input_ids) if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
+    tokens, lengths = _generate(
+        model,
+        variables["params"],
+        input_ids,
+        attention_mask,
+        num_beams=num_beams,
+        max_length=max_length,
+        length_penalty=float(length_penalty),
+        min_length=min_length,
+        early_stopping=early_stopping,
+    )
+    return np.asarray(tokens)[:, : int(np.max(lengths))]
