@@ -59,6 +59,7 @@ import shutil
 import sys
 import sysconfig
 import tempfile
+import zlib
 from typing import Any, Iterable, Iterator
 
 import numpy as np
@@ -163,7 +164,7 @@ def _encoding(path) -> _Encoding:
             while block := file.read(_BLOCK_BYTES):
                 pending = len(decoder.getstate()[0])
                 decoder.decode(block)
-                has_books = has_books or bool(_GUTENBERG_START_BYTES.search(tail + block))
+                has_books = has_books or (b"START OF" in tail + block and bool(_GUTENBERG_START_BYTES.search(tail + block)))
                 tail, offset = block[-128:], offset + len(block)
             decoder.decode(b"", final=True)
             return _Encoding("utf-8-sig", "strict", has_books)
@@ -371,18 +372,21 @@ class _ChunkState:
 # glues them, so a document never ends at a chunk boundary.
 def _sentences_format(text: str, counts: collections.Counter, state: _ChunkState) -> list[Document]:
     documents: list[Document] = [[]]
-    for line in _lines(text):
-        if _blank(line):
+    for line in text.split("\n"):  # a chunk's lines: bounded
+        line = line.strip()
+        if not line:
             if documents[-1] or len(documents) == 1:
                 documents.append([])
+        elif len(line) <= MAX_SENTENCE_CHARS:
+            documents[-1].append(line)
         else:
-            documents[-1].extend(_cut_sentence(line.strip(), counts))
+            documents[-1].extend(_cut_sentence(line, counts))
     return documents
 
 
 def _documents_format(text: str, counts: collections.Counter, state: _ChunkState) -> list[Document]:
     documents: list[Document] = [[]]
-    for index, line in enumerate(_lines(text)):
+    for index, line in enumerate(text.split("\n")):
         if index == 0 and state.continues_line:
             documents[0].extend(_sentences(line, counts))
         elif not _blank(line):
@@ -405,7 +409,7 @@ def _paragraphs_format(text: str, counts: collections.Counter, state: _ChunkStat
             documents[-1].extend(_sentences(" ".join(block), counts))
         block.clear()
 
-    for line in _lines(text):
+    for line in text.split("\n"):
         if state.has_books and line.startswith("***"):
             if _GUTENBERG_START.match(line):
                 flush()
@@ -429,7 +433,7 @@ def _paragraphs_format(text: str, counts: collections.Counter, state: _ChunkStat
 
 def _wikitext_format(text: str, counts: collections.Counter, state: _ChunkState) -> list[Document]:
     documents: list[Document] = [[]]
-    for line in _lines(text):
+    for line in text.split("\n"):
         if _WIKITEXT_TITLE.match(line):
             documents.append([])
         elif not _blank(line) and not _WIKITEXT_HEADING.match(line):
@@ -769,17 +773,25 @@ class TokenizedDocuments:
         return cls(tokens=tokens, sentence_lengths=lengths, document_offsets=np.concatenate([[0], np.cumsum(sentences_per_document)]))
 
 
-def _sentence_hash(sentence: str) -> int:
-    return int.from_bytes(hashlib.blake2b(sentence.encode(), digest_size=8).digest(), "little")
+_MASK64 = (1 << 64) - 1
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _document_hashes(documents: list[Document]) -> np.ndarray:
+    """Each document's text hash (uint64): the sum (mod 2**64) of its sentences' hashes, so that a
+    document read in several chunks (or processes) hashes as when read whole; a sentence's hash is
+    its CRC-32 spread over 64 bits (times the golden ratio), so sums of them are spread too."""
+    sentences = [sentence for document in documents for sentence in document]
+    crcs = np.fromiter(map(zlib.crc32, map(str.encode, sentences)), np.uint64, len(sentences))
+    with np.errstate(over="ignore"):
+        running = np.concatenate([np.zeros(1, np.uint64), np.cumsum(crcs * _GOLDEN, dtype=np.uint64)])
+        bounds = np.cumsum([0] + [len(document) for document in documents])
+        return running[bounds[1:]] - running[bounds[:-1]]
 
 
 def document_hash(document: Document) -> int:
-    """A document's text hash: the sum (mod 2**64) of its sentences' hashes, so that a document read
-    in several chunks (or processes) hashes as when read whole."""
-    return sum(map(_sentence_hash, document)) & _MASK64
-
-
-_MASK64 = (1 << 64) - 1
+    """The hash by which held-out documents are chosen (see `_document_hashes`)."""
+    return int(_document_hashes([document])[0])
 
 
 def _eval_choice(digests: np.ndarray, fraction: float) -> np.ndarray:
@@ -921,7 +933,7 @@ def _work(task, tokenizer=None) -> _Piece:
         tokens=tokens,
         sentence_lengths=lengths[kept].astype(np.int32),
         document_sentences=np.bincount(owner[kept], minlength=len(documents)).astype(np.int64),
-        document_hash=np.array([document_hash(document) for document in documents], np.uint64),
+        document_hash=_document_hashes(documents),
         joined=kind == "text",
         counts=counts,
     )
@@ -1065,7 +1077,9 @@ def _run(units: list[_Unit], corpus_format: str, tokenizer) -> None:
             import concurrent.futures
             import multiprocessing
 
-            context = multiprocessing.get_context("spawn")  # fork is unsafe once JAX's threads run
+            # fork: spawn would re-run the caller's main module in each worker (`python -m bertjax`, scripts
+            # without a __main__ guard). The workers touch no JAX, so its threads in this process do not matter.
+            context = multiprocessing.get_context("fork")
             with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker, initargs=(tokenizer.path,)) as pool:
                 pending: collections.deque = collections.deque()
                 for number, task, size in tasks():

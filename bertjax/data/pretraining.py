@@ -17,6 +17,7 @@ few vectorised gathers (`assemble`).
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 
 import numpy as np
@@ -45,6 +46,22 @@ class Instances:
 
 # Documents whose sentences create_instances holds as Python ints at a time.
 _BLOCK_DOCUMENTS = 4096
+
+
+class _Draws:
+    """Uniform draws from `rng`, a buffer at a time: scalar draws in a Python loop at list speed."""
+
+    def __init__(self, rng: np.random.Generator, size: int = 1 << 16):
+        self.rng, self.size, self.buffer = rng, size, []
+
+    def random(self) -> float:
+        if not self.buffer:
+            self.buffer = self.rng.random(self.size).tolist()
+        return self.buffer.pop()
+
+    def integers(self, low: int, high: int) -> int:
+        """An integer in [low, high)."""
+        return low + int(self.random() * (high - low))
 
 
 def num_special_tokens(objective: str) -> int:
@@ -84,68 +101,56 @@ def create_instances(
     num_documents = len(ids)
     paired = objective != "none"
     rng = np.random.default_rng([seed, 0x1A57])
+    draw = _Draws(rng)
     rows: list[tuple[int, int, int, int, int, int, int]] = []
+    randoms: list[tuple[int, int, float]] = []  # NSP's random B segments: (row, tokens wanted, draw)
     single_sentence_documents = 0
     leftover_sentences = 0
+    minimum_sentences = 2 if paired else 1
 
     def target_length() -> int:
-        return int(rng.integers(2, max_tokens + 1)) if rng.random() < short_seq_prob else max_tokens
+        return draw.integers(2, max_tokens + 1) if draw.random() < short_seq_prob else max_tokens
 
-    # Documents are walked a block at a time with their sentences as Python ints (fast to loop over);
-    # the random segments of NSP come from anywhere and read the arrays.
+    # Documents are walked a block at a time with their sentence offsets as Python ints; a chunk ends
+    # at the first sentence that fills the target (a bisection), with at least two sentences for a
+    # pair where the document has them. NSP's random segments come from anywhere and read the array.
     for block in range(0, num_documents, _BLOCK_DOCUMENTS):
         block_ids = ids[block : block + _BLOCK_DOCUMENTS]
         base = int(document_offsets[block_ids[0]])
-        block_offsets = sentence_offsets[base : int(document_offsets[block_ids[-1] + 1]) + 1].tolist()
-        lengths = [end - begin for begin, end in zip(block_offsets[:-1], block_offsets[1:])]
-
-        def segment(first: int, last: int) -> tuple[int, int]:
-            """Token start and length of the block's sentences first..last-1."""
-            return block_offsets[first], block_offsets[last] - block_offsets[first]
-
+        offsets = sentence_offsets[base : int(document_offsets[block_ids[-1] + 1]) + 1].tolist()
         for position, document in enumerate(block_ids.tolist(), start=block):
             first, end = int(document_offsets[document]) - base, int(document_offsets[document + 1]) - base
             if paired and end - first < 2:
                 single_sentence_documents += 1
                 continue
-            target = target_length()
-            chunk_start, chunk_tokens, i = first, 0, first
-            while i < end:
-                chunk_tokens += lengths[i]
-                chunk_end = i + 1
-                full = chunk_tokens >= target
-                if not (full or chunk_end == end) or (paired and full and chunk_end - chunk_start < 2 and chunk_end < end):
-                    i += 1
-                    continue
-                i += 1
+            chunk_start = first
+            while chunk_start < end:
+                target = target_length()
+                filled = bisect.bisect_left(offsets, offsets[chunk_start] + target, chunk_start + 1, end)
+                chunk_end = min(end, max(filled, chunk_start + minimum_sentences))
+                next_start = chunk_end
                 if not paired:
-                    a_start, a_length = segment(chunk_start, chunk_end)
+                    a_start, a_length = offsets[chunk_start], offsets[chunk_end] - offsets[chunk_start]
                     rows.append((a_start, a_length, a_start, 0, 0, document, document))
                 elif chunk_end - chunk_start < 2:
                     leftover_sentences += 1
                 else:
-                    a_end = int(rng.integers(chunk_start + 1, chunk_end))
-                    a_start, a_length = segment(chunk_start, a_end)
-                    if objective == "nsp" and num_documents > 1 and rng.random() < 0.5:
-                        other = int(rng.integers(0, num_documents - 1))
-                        other = int(ids[other + (other >= position)])
-                        other_first, other_end = int(document_offsets[other]), int(document_offsets[other + 1])
-                        b_first = int(rng.integers(other_first, other_end))
-                        b_last = b_first + 1
-                        need = target - a_length
-                        while b_last < other_end and sentence_offsets[b_last] - sentence_offsets[b_first] < need:
-                            b_last += 1
-                        b_start, b_length = int(sentence_offsets[b_first]), int(sentence_offsets[b_last] - sentence_offsets[b_first])
-                        rows.append((a_start, a_length, b_start, b_length, 1, document, other))
-                        i = a_end  # the real continuation was not used: it starts the next chunk
+                    a_end = draw.integers(chunk_start + 1, chunk_end)
+                    a_start, a_length = offsets[chunk_start], offsets[a_end] - offsets[chunk_start]
+                    if objective == "nsp" and num_documents > 1 and draw.random() < 0.5:
+                        # B: from a random sentence of another document, as many sentences as fill the
+                        # target (at least one); located after the loop, all at once.
+                        other = draw.integers(0, num_documents - 1)
+                        randoms.append((len(rows), target - a_length, draw.random()))
+                        rows.append((a_start, a_length, 0, 0, 1, document, other + (other >= position)))
+                        next_start = a_end  # the real continuation was not used: it starts the next chunk
                     else:
-                        b_start, b_length = segment(a_end, chunk_end)
-                        if objective == "sop" and rng.random() < 0.5:
+                        b_start, b_length = offsets[a_end], offsets[chunk_end] - offsets[a_end]
+                        if objective == "sop" and draw.random() < 0.5:
                             rows.append((b_start, b_length, a_start, a_length, 1, document, document))
                         else:
                             rows.append((a_start, a_length, b_start, b_length, 0, document, document))
-                chunk_start, chunk_tokens = i, 0
-                target = target_length()
+                chunk_start = next_start
     if objective == "nsp" and num_documents < 2:
         raise CorpusError(
             f"objective 'nsp' needs at least two documents (its random segments come from another document) "
@@ -158,6 +163,14 @@ def create_instances(
             f"sentence (objective {objective!r} needs two sentences in a document; 'none' does not)"
         )
     table = np.array(rows, np.int64)
+    if randoms:
+        row, need, u = (np.array(column) for column in zip(*randoms))
+        other = ids[table[row, 6]]
+        other_first, other_end = document_offsets[other], document_offsets[other + 1]
+        b_first = other_first + (u * (other_end - other_first)).astype(np.int64)
+        b_start = sentence_offsets[b_first]
+        b_last = np.clip(np.searchsorted(sentence_offsets, b_start + need), b_first + 1, other_end)
+        table[row, 2], table[row, 3], table[row, 6] = b_start, sentence_offsets[b_last] - b_start, other
     a_start, a_length, b_start, b_length = _truncate(table[:, 0], table[:, 1], table[:, 2], table[:, 3], max_tokens, rng)
     instances = Instances(
         objective=objective,

@@ -219,8 +219,10 @@ class SentencePieceTokenizer(Tokenizer):
         """Positions of `ids` that stay: all but a stand-alone '▁' before a CJK character (it marks no word)."""
         if self.space_id not in ids:
             return list(range(len(ids)))
-        last = len(ids) - 1
-        return [k for k, i in enumerate(ids) if not (i == self.space_id and k < last and self._no_space_before[ids[k + 1]])]
+        ids = np.asarray(ids)
+        dropped = np.zeros(len(ids), np.bool_)
+        dropped[:-1] = (ids[:-1] == self.space_id) & self._no_space_before[ids[1:]]
+        return np.flatnonzero(~dropped).tolist()
 
     def _extra_special_ids(self):
         return (i for i in range(self.processor.get_piece_size()) if self.processor.is_control(i))
@@ -232,7 +234,9 @@ class SentencePieceTokenizer(Tokenizer):
         if self.splits_cjk:
             texts = [split_cjk(text) for text in texts]
         rows = self.processor.encode(list(texts), num_threads=min(os.cpu_count() or 1, 8))
-        return [[row[k] for k in self.kept_positions(row)] for row in rows]
+        # Most rows hold no '▁' piece alone: only those are filtered (a third of corpus preparation's time otherwise).
+        space = self.space_id
+        return [[row[k] for k in self.kept_positions(row)] if space in row else row for row in rows]
 
     def decode(self, ids) -> str:
         text = self.processor.decode([int(i) for i in ids if int(i) != self.pad_id])
