@@ -3,6 +3,7 @@
   bertjax pretrain   --config configs/pretrain.py:tiny --workdir runs/x [--config.KEY=VALUE ...]
   bertjax finetune   --config configs/finetune.py:sst2 --workdir runs/sst2 [--config.init_from=runs/x]
   bertjax predict    --workdir runs/sst2 [--input FILE]       (text on stdin without --input)
+  bertjax generate   --workdir RUN [--num-beams 4]             (seq2seq or HF BART: lines on stdin -> stdout)
   bertjax data       stats|show --config configs/pretrain.py:tiny [--batches N | --examples N]
   bertjax tokenizer  train --input FILE... --vocab-size N --out DIR [--model-type unigram|bpe|wordpiece]
   bertjax convert    --from DIR --to DIR                       (HuggingFace <-> bertjax, by what DIR holds)
@@ -291,6 +292,34 @@ def convert(argv):
     print(checkpoint_io.convert(source, _path(args.target)))
 
 
+def generate(argv):
+    parser = _ArgumentParser(
+        prog="bertjax generate",
+        description="Generate with a seq2seq model (a configs/seq2seq.py run or a HuggingFace BART directory): "
+        "one input per line on stdin, one output per line on stdout; greedy, or beam search with --num-beams.",
+    )
+    parser.add_argument("--workdir", required=True, help="A seq2seq workdir, WORKDIR:STEP, or a HuggingFace BART directory.")
+    parser.add_argument("--num-beams", type=int, default=1, help="1: greedy; more: beam search (HF's rules).")
+    parser.add_argument("--max-length", type=int, default=64, help="Most target tokens, the decoder start token included (HF's max_length).")
+    parser.add_argument("--length-penalty", type=float, default=1.0, help="Beam scores are sum(log p) / length ** this (HF's).")
+    parser.add_argument("--batch-size", type=int, default=32, help="Lines generated together.")
+    args = parser.parse_args(argv)
+    path, step = config_lib.split_step(args.workdir)
+    workdir = _existing(path, "--workdir") + ("" if step is None else f":{step}")
+    from bertjax.models import generate as generate_lib
+
+    outputs = generate_lib.run(
+        workdir,
+        _text_lines(sys.stdin.buffer, "stdin"),
+        num_beams=args.num_beams,
+        max_length=args.max_length,
+        length_penalty=args.length_penalty,
+        batch_size=args.batch_size,
+    )
+    for output in outputs:
+        print(output, flush=True)
+
+
 SWEEP_DOC = """bertjax sweep: run every arm of an ablation, resume unfinished ones, collect a table and plots.
 
   bertjax sweep --config configs/ablations/sentence_objective.py --workdir runs/sop
@@ -366,6 +395,7 @@ VERBS = {
     "pretrain": pretrain,
     "finetune": finetune,
     "predict": predict,
+    "generate": generate,
     "data": data,
     "tokenizer": tokenizer,
     "convert": convert,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import json
 import math
 
 import jax
@@ -125,27 +126,34 @@ def test_min_length_forbids_an_early_eos():
 BART_IDS = dict(pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=0)
 
 
-@pytest.fixture(scope="module")
-def bart(tmp_path_factory):
-    """(HF BartForConditionalGeneration, its bertjax conversion, variables): random weights scaled up
+def random_bart(directory, eos_bias: float = 1.0, **ids):
+    """A random HF BartForConditionalGeneration saved in `directory`, and the model: weights scaled up
     (init_std 0.2) so that next-token choices are clear, not near-ties float rounding could flip, and an
-    EOS bias that ends some sequences early and not others. The decoder starts with <s>, not BART's
-    </s>, which this random model would answer with EOS at once."""
+    EOS bias that ends some sequences early and not others."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    from bertjax.convert import hf
 
     torch.manual_seed(2)
     config = transformers.BartConfig(
         vocab_size=48, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
         encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=32, dropout=0.0, attention_dropout=0.0,
-        activation_dropout=0.0, init_std=0.2, forced_eos_token_id=None, **BART_IDS,
+        activation_dropout=0.0, init_std=0.2, forced_eos_token_id=None, **ids,
     )
     reference = transformers.BartForConditionalGeneration(config).eval()
     with torch.no_grad():
-        reference.final_logits_bias[0, BART_IDS["eos_token_id"]] = 1.0
-    directory = tmp_path_factory.mktemp("bart")
+        reference.final_logits_bias[0, ids["eos_token_id"]] = eos_bias
     reference.save_pretrained(directory)
+    return reference
+
+
+@pytest.fixture(scope="module")
+def bart(tmp_path_factory):
+    """(HF BART, its bertjax conversion, variables). The decoder starts with <s>, not BART's </s>, which
+    this random model would answer with EOS at once."""
+    from bertjax.convert import hf
+
+    directory = tmp_path_factory.mktemp("bart")
+    reference = random_bart(directory, **BART_IDS)
     model, variables = hf.load(directory)
     return reference, model, variables
 
@@ -217,3 +225,59 @@ def test_generation_equals_huggingface(bart, options):
         ).numpy()
     tokens = generate.generate(model, variables, input_ids, attention_mask, max_length=14, **options)
     np.testing.assert_array_equal(tokens, expected)
+
+
+# ------------------------------------------------------------------------------- bertjax generate
+
+WORDS = "the a cat dog sat ran on in mat park big small red blue old new one two three four and but or it is was we they see saw"
+
+
+def test_generate_verb_writes_one_line_per_input_as_huggingface_generates(tmp_path, monkeypatch, capsys):
+    """A random HF BART directory with a WordPiece vocabulary ([CLS] text [SEP] framing): three lines in
+    batches of two (the second padded with a filler row), each output the text of HF's tokens (one
+    ends early at EOS, two run to max_length)."""
+    import io
+
+    import torch
+    import transformers
+
+    from bertjax import cli
+    from bertjax.data import tokenizer as tokenizer_lib
+
+    pieces = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS.split(), "##s", "##ed", "##ing", ".", ","]
+    pieces += [f"[unused{i}]" for i in range(48 - len(pieces))]
+    (tmp_path / "vocab.txt").write_text("\n".join(pieces) + "\n")
+    ids = dict(pad_token_id=0, bos_token_id=2, eos_token_id=3, decoder_start_token_id=3)  # [SEP] starts, as in the seq2seq data
+    reference = random_bart(tmp_path, **ids)
+    lines = ["the cat sat on the mat.", "two red dogs ran in the park", "we saw it"]
+
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO("\n".join(lines).encode() + b"\n")))
+    assert cli.main(["generate", "--workdir", str(tmp_path), "--batch-size", "2", "--max-length", "12"]) == 0
+    outputs = capsys.readouterr().out.splitlines()
+
+    tok = tokenizer_lib.load(tmp_path)
+    sources = tok.encode_batch(lines)
+    settings = transformers.GenerationConfig(do_sample=False, num_beams=1, max_length=12, forced_eos_token_id=None, **ids)
+    with torch.no_grad():
+        expected = reference.generate(
+            torch.tensor(sources["input_ids"], dtype=torch.long), attention_mask=torch.tensor(sources["attention_mask"]), generation_config=settings
+        ).numpy()
+    texts = [tok.decode([i for i in row[1:].tolist() if not tok.is_special[i]]) for row in expected]
+    assert outputs == texts
+    assert len(set(outputs)) == 3 and all(outputs)
+
+
+def test_generate_on_an_encoder_only_model_names_the_problem(tmp_path, capsys):
+    from bertjax import cli
+    from bertjax import config as config_lib
+    from bertjax.convert import hf
+    from bertjax.models import BertConfig
+
+    workdir, hf_dir = tmp_path / "run", tmp_path / "hf"
+    workdir.mkdir(), hf_dir.mkdir()
+    (workdir / "config.json").write_text(config_lib.to_json(config_lib.pretrain_config()))
+    (hf_dir / "config.json").write_text(json.dumps(hf.hf_config_from(BertConfig.from_config(config_lib.model_config()))))
+    for source, kind in ((workdir, "an encoder-only run"), (hf_dir, "a HuggingFace BERT (encoder-only)")):
+        assert cli.main(["generate", "--workdir", str(source)]) == 1
+        error = capsys.readouterr().err.strip()
+        assert error.startswith(f"bertjax generate: --workdir {source}: {kind}") and "BART" in error and "\n" not in error

@@ -26,11 +26,18 @@ They follow HuggingFace `generate` (transformers 5) so that a converted model gi
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+import itertools
+import logging
+import pathlib
+from typing import Any, Callable, Iterable, Iterator
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from bertjax.errors import UserError
+
+log = logging.getLogger(__name__)
 
 StepFn = Callable[[jax.Array, Any, jax.Array], tuple[jax.Array, Any]]
 
@@ -256,3 +263,102 @@ def generate(
         early_stopping=early_stopping,
     )
     return np.asarray(tokens)[:, : int(np.max(lengths))]
+
+
+# ------------------------------------------------------------------------------- bertjax generate
+
+
+class _Text:
+    """A checkpoint's tokenizer as `generate` needs it: texts -> framed, padded source ids; ids -> text.
+
+    A bertjax tokenizer frames a source `[CLS] text [SEP]`, as the seq2seq data does
+    (`bertjax.data.noising`); a HuggingFace BART directory's `tokenizer.json` (byte-level BPE, without
+    BERT's special tokens) frames it `<s> text </s>` with its own post-processor.
+    """
+
+    def __init__(self, directory: pathlib.Path, cfg):
+        from bertjax.data import tokenizer as tokenizer_lib
+
+        self.cfg = cfg
+        try:
+            self.bertjax = tokenizer_lib.load(directory)
+        except tokenizer_lib.TokenizerError:
+            if not (directory / "tokenizer.json").exists():
+                raise
+            import tokenizers
+
+            self.bertjax, self.backend = None, tokenizers.Tokenizer.from_file(str(directory / "tokenizer.json"))
+        vocab_size = self.bertjax.vocab_size if self.bertjax else self.backend.get_vocab_size()
+        if vocab_size > cfg.vocab_size:
+            raise UserError(f"{directory}: the tokenizer has {vocab_size} pieces but the model only {cfg.vocab_size}: not this model's tokenizer")
+
+    def encode(self, texts: list[str], max_length: int) -> tuple[list[list[int]], int]:
+        """Framed ids of each text cut to `max_length` (the end is dropped, the closing token kept), and how many were cut."""
+        if self.bertjax:
+            rows = [[self.bertjax.cls_id, *ids, self.bertjax.sep_id] for ids in self.bertjax.encode_many(texts)]
+        else:
+            rows = [encoding.ids for encoding in self.backend.encode_batch(texts)]
+        cut = sum(len(row) > max_length for row in rows)
+        return [row if len(row) <= max_length else row[: max_length - 1] + row[-1:] for row in rows], cut
+
+    def decode(self, ids) -> str:
+        """The text of generated ids: after the start token, up to EOS, special tokens dropped."""
+        ids = [int(i) for i in ids[1:]]
+        ids = ids[: ids.index(self.cfg.eos_token_id)] if self.cfg.eos_token_id in ids else ids
+        if self.bertjax:
+            return self.bertjax.decode([i for i in ids if not self.bertjax.is_special[i]])
+        return self.backend.decode(ids, skip_special_tokens=True)
+
+
+def load(source: str):
+    """(model, variables, tokenizer) of a seq2seq workdir (WORKDIR[:STEP]) or a HuggingFace BART directory;
+    anything else (an encoder-only BERT) is a one-line UserError."""
+    from bertjax import checkpoint_io
+    from bertjax import config as config_lib
+    from bertjax.convert import hf
+
+    path, _ = config_lib.split_step(source)
+    huggingface = checkpoint_io.is_huggingface_dir(path)
+    model_config = hf.read_config(pathlib.Path(path)) if huggingface else checkpoint_io.read_config(path).model
+    if "num_decoder_layers" not in model_config:
+        kind = "a HuggingFace BERT (encoder-only)" if huggingface else "an encoder-only run (config.model has no num_decoder_layers)"
+        raise UserError(f"--workdir {source}: {kind}; bertjax generate needs a seq2seq model: a run of configs/seq2seq.py or a HuggingFace BART directory")
+    model = hf.model_for(model_config)
+    _, params = checkpoint_io.load_params(source)
+    return model, {"params": params}, _Text(checkpoint_io.tokenizer_path(source), model.cfg)
+
+
+def _bucket(width: int, limit: int) -> int:
+    """Source widths rounded up to a power of two (at least 8, at most `limit`): few shapes, few compilations."""
+    return min(limit, max(8, 1 << (width - 1).bit_length()))
+
+
+def run(
+    source: str, lines: Iterable[str], *, num_beams: int = 1, max_length: int = 64, length_penalty: float = 1.0, batch_size: int = 32
+) -> Iterator[str]:
+    """`bertjax generate`: one output text per input line, in order, `batch_size` lines at a time.
+
+    Sources longer than the model's position table are cut at the end (logged, counted); every batch is
+    padded to `batch_size` rows and a power-of-two width so that a long input compiles a few programs.
+    """
+    if num_beams < 1 or batch_size < 1:
+        raise UserError(f"--num-beams {num_beams} --batch-size {batch_size}: both must be at least 1")
+    model, variables, text = load(source)
+    cfg = model.cfg
+    if cfg.position_embedding == "learned" and max_length - 1 > cfg.max_position_embeddings:
+        raise UserError(f"--max-length {max_length}: the model has {cfg.max_position_embeddings} target positions; give at most {cfg.max_position_embeddings + 1}")
+    if max_length < 2:
+        raise UserError(f"--max-length {max_length}: it counts the decoder start token; give at least 2")
+    lines, cut, total = iter(lines), 0, 0
+    while batch := list(itertools.islice(lines, batch_size)):
+        rows, batch_cut = text.encode(batch, cfg.max_position_embeddings)
+        cut, total = cut + batch_cut, total + len(rows)
+        width = _bucket(max(map(len, rows)), cfg.max_position_embeddings)
+        input_ids = np.full((batch_size, width), cfg.pad_token_id, np.int32)
+        attention_mask = np.zeros((batch_size, width), np.int32)
+        for row, ids in enumerate(rows + [rows[0]] * (batch_size - len(rows))):
+            input_ids[row, : len(ids)], attention_mask[row, : len(ids)] = ids, 1
+        tokens = generate(model, variables, input_ids, attention_mask, num_beams=num_beams, max_length=max_length, length_penalty=length_penalty)
+        yield from (text.decode(row) for row in tokens[: len(rows)])
+    if cut:
+        log.warning("%d of %d inputs were longer than the model's %d source positions: cut at the end", cut, total, cfg.max_position_embeddings)
