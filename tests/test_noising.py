@@ -190,7 +190,7 @@ def test_deletion_removes_the_configured_fraction(text_data):
 def test_masking_rate_and_whole_words(text_data):
     tokenizer, _ = text_data
     documents, examples = noised(text_data, epochs=2, masking=0.3)
-    masked_tokens = total = 0
+    masked_tokens = total = masked_words = words = 0
     for (_, lengths), example in zip(documents, examples):
         source, target = bodies(example)
         assert len(source) == len(target)  # masking replaces, one for one
@@ -203,6 +203,11 @@ def test_masking_rate_and_whole_words(text_data):
         sentence_starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
         continues[sentence_starts[sentence_starts < len(target)]] = False
         assert not (masked[1:] & continues[1:] & ~masked[:-1]).any()
+        # Words (a word-start piece, or a sentence start) read off the output: the budget, exactly.
+        masked_words += int((masked & ~continues).sum())
+        words += int((~continues).sum())
+        assert (masked & ~continues).sum() == example.record["masked_units"]
+    assert abs(masked_words / words - 0.3) < rounding_tolerance(len(examples), words)
     rate = masked_tokens / total
     standard_error = math.sqrt(rate * (1 - rate) / total) * 3  # words of several tokens are masked together
     assert abs(rate - 0.3) < 4 * standard_error
@@ -262,6 +267,9 @@ def test_the_batch_contract(text_data):
     noiser = noising.Noiser(noising.NoisingSpec(infilling=0.3, permutation=1.0), tokenizer, 64)
     examples = noiser.examples(documents[:8], 0, np.arange(8))
     batch = noiser.collate(examples)
+    direct = noiser(documents[:8], 0, np.arange(8))  # straight from the rows, as training gets it
+    for key in batch:
+        np.testing.assert_array_equal(direct[key], batch[key])
     assert set(batch) == {"input_ids", "attention_mask", "decoder_input_ids", "decoder_attention_mask", "labels", "label_weights"}
     for value in batch.values():
         assert value.shape == (8, 64) and value.dtype == np.int32

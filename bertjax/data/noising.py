@@ -46,15 +46,19 @@ one-line ConfigError naming the key.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Sequence
 
 import numpy as np
 
 from bertjax.config import CORRUPTIONS, ConfigError
-from bertjax.data.masking import EVAL_SEED
+from bertjax.data.masking import EVAL_SEED, uniform
 
-_TAG = 0xB0A7  # the noising stream of the (seed, epoch, index) generators: unlike any other module's
+# masking.uniform's streams (masking's own are 1-4): one per random choice.
+_STREAMS = 0xB0A7 << 8
+_STREAM_PERMUTE, _STREAM_BUDGET, _STREAM_SPAN_LENGTH, _STREAM_SPAN_ORDER, _STREAM_SPAN_PLACE = range(_STREAMS, _STREAMS + 5)
+_STREAM_CHOOSE, _STREAM_RANDOM, _STREAM_REPLACEMENT, _STREAM_ROTATE = range(_STREAMS + 5, _STREAMS + 9)
 TOKEN_CORRUPTIONS = ("masking", "deletion", "infilling")
 _KEEP, _MASK, _DELETE, _SPAN = 0, 1, 2, 3
 _NONE = np.zeros(0, np.int64)
@@ -132,6 +136,19 @@ class NoisingSpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class _Noised:
+    """A corrupted batch: padded sources and targets with their lengths, and what was done per row."""
+
+    source: np.ndarray
+    source_length: np.ndarray
+    target: np.ndarray
+    target_length: np.ndarray
+    stats: dict  # per-row arrays, the records' scalar keys (and `spans`: the spans per row)
+    order: np.ndarray | None  # the permuted rows' sentence orders
+    spans: dict | None  # starts, lengths, draws: [B, K] each, the first `spans` of a row real
+
+
+@dataclasses.dataclass(frozen=True)
 class Example:
     """One corrupted document: source and target int32 ids ([BOS] ... [EOS]), and what was done."""
 
@@ -171,7 +188,11 @@ class BatchBuilder:
 
 
 class Noiser:
-    """Applies a NoisingSpec with one tokenizer's special ids and word starts, at one `max_length`."""
+    """Applies a NoisingSpec with one tokenizer's special ids and word starts, at one `max_length`.
+
+    A batch is corrupted at once, in [B, max_length - 2] arrays (a row per document). Every random
+    number is masking.uniform's counter-based hash of (seed, epoch, example index, stream, column),
+    so an example's corruption does not depend on the batch it is in or on the other examples."""
 
     def __init__(self, spec: NoisingSpec, tokenizer, max_length: int, decoder_start_id: int | None = None):
         if max_length < 3:
@@ -183,41 +204,40 @@ class Noiser:
         self.decoder_start_id = self.eos_id if decoder_start_id is None else decoder_start_id
         self.word_start = np.asarray(tokenizer.word_start, np.bool_)
         self.replacement_ids = np.flatnonzero(~np.asarray(tokenizer.is_special, np.bool_)).astype(np.int32)
-        self._token_noise = any(getattr(spec, key) > 0 for key in TOKEN_CORRUPTIONS)
+        # Poisson(lambda) by inversion of its distribution function, tabled until the tail is negligible.
+        lam = spec.poisson_lambda
+        k = np.arange(int(lam + 12 * math.sqrt(lam) + 30))
+        self.poisson_cdf = np.cumsum(np.exp(k * math.log(lam) - lam - np.array([math.lgamma(x + 1.0) for x in k])))
+        self.poisson_cdf[-1] = 1.0
 
     def example(self, tokens, sentence_lengths, epoch: int, index: int) -> Example:
         """The source and target of one document (tokens and its sentence lengths, which sum to its length)."""
-        tokens = np.asarray(tokens, np.int32)
-        lengths = np.asarray(sentence_lengths, np.int64)
-        if lengths.sum() != len(tokens):
-            raise ValueError(f"sentence lengths sum to {lengths.sum()} but the document has {len(tokens)} tokens")
-        rng = np.random.default_rng([self.spec.seed, int(epoch), int(index), _TAG])
-        keep = self.max_length - 2
-        record = dict(_EMPTY_RECORD, cut_tokens=max(len(tokens) - keep, 0))
-        if record["cut_tokens"]:
-            tokens = tokens[:keep]
-            lengths = np.diff(np.minimum(np.concatenate([[0], np.cumsum(lengths)]), keep))
-        lengths = lengths[lengths > 0]
-        record.update(tokens=len(tokens), sentences=len(lengths), empty=len(tokens) == 0)
-        body = tokens
-        if len(tokens):
-            body, lengths = self._permute(body, lengths, rng, record)
-            if self._token_noise:
-                body = self._corrupt_tokens(body, lengths, rng, record)
-            body = self._rotate(body, rng, record)
-        record.update(source_tokens=min(len(body), keep), source_cut_tokens=max(len(body) - keep, 0))
-        source = np.concatenate([[self.bos_id], body[:keep], [self.eos_id]]).astype(np.int32)
-        target = np.concatenate([[self.bos_id], tokens, [self.eos_id]]).astype(np.int32)
-        return Example(source=source, target=target, record=record)
+        return self.examples([(tokens, sentence_lengths)], [epoch], [index])[0]
 
     def examples(self, documents: Sequence[tuple[np.ndarray, np.ndarray]], epoch, index) -> list[Example]:
-        """`example` of each (tokens, sentence lengths) document, with its epoch and example index."""
-        epoch = np.broadcast_to(np.asarray(epoch), (len(documents),))
-        return [self.example(tokens, lengths, e, i) for (tokens, lengths), e, i in zip(documents, epoch.tolist(), np.asarray(index).tolist())]
+        """The source, target and record of each (tokens, sentence lengths) document, given its epoch
+        (one for all, or one each) and its example index."""
+        if len(documents) == 0:
+            return []
+        noised = self._noise(documents, epoch, index)
+        examples = []
+        for row in range(len(documents)):
+            record = dict(_EMPTY_RECORD, **{key: value[row].item() for key, value in noised.stats.items()})
+            record["empty"] = record["tokens"] == 0
+            if record["permuted"]:
+                record["sentence_order"] = noised.order[row, : record["sentences"]]
+            if noised.spans is not None:
+                k = record.pop("spans")
+                record.update({f"span_{key}": value[row, :k] for key, value in noised.spans.items()})
+            source = noised.source[row, : noised.source_length[row]]
+            target = noised.target[row, : noised.target_length[row]]
+            examples.append(Example(source=source, target=target, record=record))
+        return examples
 
     def __call__(self, documents: Sequence[tuple[np.ndarray, np.ndarray]], epoch, index) -> dict[str, np.ndarray]:
         """The seq2seq batch of `documents` (see `collate`)."""
-        return self.collate(self.examples(documents, epoch, index))
+        noised = self._noise(documents, epoch, index)
+        return self._batch(noised.source, noised.source_length, noised.target, noised.target_length)
 
     def collate(self, examples: Sequence[Example]) -> dict[str, np.ndarray]:
         """The seq2seq batch contract: int32 arrays of shape [B, max_length]
@@ -228,124 +248,215 @@ class Noiser:
           labels                  the targets ([BOS] original [EOS]), padded with [PAD]
           label_weights           1 where a label counts in the loss (the padding is ignored)
         """
-        batch, width = len(examples), self.max_length
-        input_ids = np.full((batch, width), self.pad_id, np.int32)
-        labels = np.full((batch, width), self.pad_id, np.int32)
-        source_length = np.array([len(e.source) for e in examples], np.int64)
-        target_length = np.array([len(e.target) for e in examples], np.int64)
-        position = np.arange(width)[None, :]
-        input_ids[position < source_length[:, None]] = np.concatenate([e.source for e in examples])
-        labels[position < target_length[:, None]] = np.concatenate([e.target for e in examples])
+        rows = []
+        for name in ("source", "target"):
+            length = np.array([len(getattr(e, name)) for e in examples], np.int64)
+            padded = np.full((len(examples), self.max_length), self.pad_id, np.int32)
+            padded[np.arange(self.max_length)[None, :] < length[:, None]] = np.concatenate([getattr(e, name) for e in examples])
+            rows += [padded, length]
+        return self._batch(*rows)
+
+    def _batch(self, source, source_length, target, target_length) -> dict[str, np.ndarray]:
+        """`collate`'s arrays from the padded [B, max_length] sources and targets and their lengths."""
+        position = np.arange(self.max_length)[None, :]
         label_weights = (position < target_length[:, None]).astype(np.int32)
-        decoder_input_ids = np.concatenate([np.full((batch, 1), self.decoder_start_id, np.int32), labels[:, :-1]], axis=1)
+        decoder_input_ids = np.concatenate([np.full((len(target), 1), self.decoder_start_id, np.int32), target[:, :-1]], axis=1)
         return dict(
-            input_ids=input_ids,
+            input_ids=source,
             attention_mask=(position < source_length[:, None]).astype(np.int32),
             decoder_input_ids=np.where(label_weights == 1, decoder_input_ids, self.pad_id).astype(np.int32),
             decoder_attention_mask=label_weights,
-            labels=labels,
+            labels=target,
             label_weights=label_weights,
         )
 
-    def _permute(self, tokens, lengths, rng, record):
-        """Sentence permutation: ceil(rate x sentences) of them shuffled among their places."""
-        if self.spec.permutation == 0:
-            return tokens, lengths
-        count = len(lengths)
-        if count < 2:
-            record["single_sentence"] = True
-            return tokens, lengths
-        chosen = rng.permutation(count)[: math.ceil(count * self.spec.permutation)]
-        order = np.arange(count)
-        order[chosen] = chosen[rng.permutation(len(chosen))]
-        new_lengths = lengths[order]
-        gather = np.repeat((np.cumsum(lengths) - lengths)[order] - (np.cumsum(new_lengths) - new_lengths), new_lengths) + np.arange(len(tokens))
-        record.update(permuted=True, moved_sentences=int((order != np.arange(count)).sum()), sentence_order=order)
-        return tokens[gather], new_lengths
+    def _noise(self, documents, epoch, index) -> "_Noised":
+        """The corruption of a batch of documents, as padded rows."""
+        count, width = len(documents), self.max_length - 2
+        epoch = np.broadcast_to(np.asarray(epoch, np.int64), (count,))
+        index = np.asarray(index, np.int64)
+        # The documents as rows cut at `width` tokens, their sentence starts marked.
+        sentence_lengths = [np.asarray(lengths, np.int64) for _, lengths in documents]
+        size = np.array([len(tokens) for tokens, _ in documents], np.int64)
+        all_lengths = np.concatenate(sentence_lengths)
+        document_of = np.repeat(np.arange(count), [len(lengths) for lengths in sentence_lengths])
+        wrong = np.flatnonzero(np.bincount(document_of, weights=all_lengths, minlength=count) != size)
+        if len(wrong):
+            raise ValueError(f"the sentence lengths of document {wrong[0]} of the batch do not sum to its {size[wrong[0]]} tokens")
+        first = np.cumsum(all_lengths) - all_lengths - np.repeat(np.cumsum(size) - size, [len(lengths) for lengths in sentence_lengths])
+        lengths = np.minimum(size, width)
+        real = np.arange(width)[None, :] < lengths[:, None]
+        original = np.zeros((count, width), np.int32)
+        original[real] = np.concatenate([np.asarray(tokens[:width], np.int32) for tokens, _ in documents])
+        marked = (first < width) & (all_lengths > 0)
+        sentence_start = np.zeros((count, width), np.bool_)
+        sentence_start[document_of[marked], first[marked]] = True
+        draw = functools.partial(uniform, self.spec.seed, epoch, index)
+        stats = dict(tokens=lengths, cut_tokens=size - lengths, sentences=sentence_start.sum(1))
+        tokens, sentence_start, order = self._permute(original, sentence_start, real, draw, stats)
+        body, body_length, spans = tokens, lengths, None
+        if any(getattr(self.spec, key) > 0 for key in TOKEN_CORRUPTIONS):
+            body, body_length, spans = self._corrupt_tokens(tokens, sentence_start, real, draw, stats)
+        body = self._rotate(body, body_length, lengths, draw, stats)
+        kept = np.minimum(body_length, width)
+        stats.update(source_tokens=kept, source_cut_tokens=body_length - kept)
+        return _Noised(
+            source=self._framed(body, kept),
+            source_length=kept + 2,
+            target=self._framed(original, lengths),
+            target_length=lengths + 2,
+            stats=stats,
+            order=order,
+            spans=spans,
+        )
 
-    def _budget(self, rate: float, units: int, rng) -> int:
-        """rate x units, rounded stochastically (unbiased at every length)."""
-        return int(math.floor(rate * units + rng.random())) if rate > 0 else 0
+    def _framed(self, body, length):
+        """[BOS] body[:length] [EOS] [PAD]... per row: int32 [B, max_length]."""
+        position = np.arange(self.max_length)[None, :]
+        column = np.minimum(np.maximum(position - 1, 0), body.shape[1] - 1)
+        rows = np.where((position >= 1) & (position <= length[:, None]), np.take_along_axis(body, np.broadcast_to(column, (len(body), self.max_length)), axis=1), self.pad_id)
+        rows[:, 0] = self.bos_id
+        rows[np.arange(len(body)), length + 1] = self.eos_id
+        return rows.astype(np.int32)
 
-    def _spans(self, budget: int, rng) -> tuple[np.ndarray, np.ndarray]:
-        """Poisson span lengths drawn until they cover `budget` units, the last one trimmed to fit (as
-        fairseq does); returns (the lengths used, the draws). The draws are a sample with a stopping
-        rule, so pooled over documents sum(draws) / count(draws) -> lambda (Wald's identity)."""
-        lam = self.spec.poisson_lambda
-        draws = np.zeros(0, np.int64)
-        while draws.sum() < budget:
-            draws = np.concatenate([draws, rng.poisson(lam, size=max(8, int(2 * budget / lam) + 8))])
-        total = np.cumsum(draws)
-        last = int(np.searchsorted(total, budget))  # the first draw that reaches the budget
-        draws = draws[: last + 1]
-        lengths = draws.copy()
-        lengths[last] = budget - (total[last - 1] if last > 0 else 0)
-        return lengths, draws
+    def _permute(self, tokens, sentence_start, real, draw, stats):
+        """Sentence permutation: in each row with two sentences or more, ceil(rate x sentences) of
+        them are chosen (the smallest keys) and put back into their places in a random order."""
+        count, width = tokens.shape
+        rate, sentences = self.spec.permutation, stats["sentences"]
+        stats.update(permuted=(rate > 0) & (sentences >= 2), single_sentence=(rate > 0) & (sentences == 1), moved_sentences=np.zeros(count, np.int64))
+        if not stats["permuted"].any():
+            return tokens, sentence_start, None
+        slot = np.arange(width)[None, :]
+        valid = slot < sentences[:, None]
+        chosen_count = np.where(stats["permuted"], np.ceil(sentences * rate), 0).astype(np.int64)
+        keys = draw(_STREAM_PERMUTE, 2 * width)
+        rank = np.argsort(np.argsort(np.where(valid, keys[:, :width], 2.0), axis=1), axis=1)
+        chosen = rank < chosen_count[:, None]
+        places = np.argsort(~chosen, axis=1, kind="stable")  # the chosen sentences' places first, in order
+        movers = np.argsort(np.where(chosen, keys[:, width:], 2.0), axis=1)  # the chosen sentences, shuffled
+        order = np.broadcast_to(slot, (count, width)).copy()
+        np.put_along_axis(order, places, np.where(slot < chosen_count[:, None], movers, places), axis=1)
+        stats["moved_sentences"] = ((order != slot) & valid).sum(1)
+        # New sentence s is old sentence order[s]: each position reads its sentence's old start + offset.
+        sentence_id = np.maximum(np.cumsum(sentence_start, axis=1) - 1, 0)
+        length = np.bincount((np.arange(count)[:, None] * width + sentence_id)[real], minlength=count * width).reshape(count, width)
+        new_length = np.take_along_axis(length, order, axis=1)
+        new_start = np.cumsum(new_length, axis=1) - new_length
+        new_sentence_start = np.zeros((count, width), np.bool_)
+        rows, columns = np.nonzero(valid)
+        new_sentence_start[rows, new_start[rows, columns]] = True
+        new_id = np.maximum(np.cumsum(new_sentence_start, axis=1) - 1, 0)
+        old_start = np.take_along_axis(np.cumsum(length, axis=1) - length, np.take_along_axis(order, new_id, axis=1), axis=1)
+        gather = np.where(real, old_start + slot - np.take_along_axis(new_start, new_id, axis=1), 0)
+        return np.take_along_axis(tokens, gather, axis=1), new_sentence_start & real, order
 
-    def _corrupt_tokens(self, tokens, lengths, rng, record):
-        """Masking, deletion and infilling on disjoint units of the (permuted) document."""
+    def _corrupt_tokens(self, tokens, sentence_start, real, draw, stats):
+        """Masking, deletion and infilling on disjoint units of each row; returns the corrupted rows,
+        their lengths and the spans (starts in units, lengths, and the Poisson draws, per row)."""
         spec = self.spec
-        n = len(tokens)
-        starts = self.word_start[tokens] if spec.whole_word else np.ones(n, np.bool_)
-        starts = starts.copy()
-        starts[np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)] = True  # a sentence starts a word
-        unit_of = np.cumsum(starts) - 1
-        units = int(starts.sum())
-        unit_tokens = np.bincount(unit_of, minlength=units)
-        state = np.full(units, _KEEP, np.int8)
-        span_budget = self._budget(spec.infilling, units, rng)
-        spans, draws = self._spans(span_budget, rng) if span_budget else (np.zeros(0, np.int64), np.zeros(0, np.int64))
-        spans = spans[rng.permutation(len(spans))]
-        # Stars and bars: which of the (units - span_budget) free units and the K spans' places hold
-        # spans, uniformly; span k then starts after the free units and the spans before it.
-        place = np.sort(rng.choice(units - span_budget + len(spans), size=len(spans), replace=False))
-        first_unit = place - np.arange(len(spans)) + np.cumsum(spans) - spans
-        state[np.repeat(first_unit - np.cumsum(spans) + spans, spans) + np.arange(span_budget)] = _SPAN
-        free_units = np.flatnonzero(state == _KEEP)
-        mask_budget = min(self._budget(spec.masking, units, rng), len(free_units))
-        delete_budget = min(self._budget(spec.deletion, units, rng), len(free_units) - mask_budget)
-        chosen = free_units[rng.permutation(len(free_units))[: mask_budget + delete_budget]]
-        state[chosen[:mask_budget]] = _MASK
-        state[chosen[mask_budget:]] = _DELETE
-        tokens_in = np.bincount(state, weights=unit_tokens, minlength=4).astype(np.int64).tolist()
-        record.update(
+        count, width = tokens.shape
+        rows, slot = np.arange(count), np.arange(width)[None, :]
+        starts = real & (self.word_start[tokens] | sentence_start) if spec.whole_word else real
+        unit_of = np.maximum(np.cumsum(starts, axis=1) - 1, 0)
+        units = starts.sum(1)
+        unit_tokens = np.bincount((rows[:, None] * width + unit_of)[real], minlength=count * width).reshape(count, width)
+        rounding = draw(_STREAM_BUDGET, 3)
+
+        def budget(rate, column):
+            return np.floor(rate * units + rounding[:, column]).astype(np.int64) if rate > 0 else np.zeros(count, np.int64)
+
+        state = np.full((count, width), _KEEP, np.int8)
+        inserts = np.zeros((count, width + 1), np.int64)  # 0-length spans before unit u (u = units: at the end)
+        opens = np.zeros((count, width), np.bool_)  # the first unit of a span of length >= 1
+        span_budget = budget(spec.infilling, 0)
+        spans = dict(starts=np.zeros((count, 0), np.int64), lengths=np.zeros((count, 0), np.int64), draws=np.zeros((count, 0), np.int64))
+        span_count = np.zeros(count, np.int64)
+        if spec.infilling > 0:
+            # Poisson draws until they cover the budget (2 x width units on average: never short in practice).
+            draws_width = int(2 * width / spec.poisson_lambda) + 16
+            column = np.arange(draws_width)[None, :]
+            draws = np.searchsorted(self.poisson_cdf, draw(_STREAM_SPAN_LENGTH, draws_width), side="right")
+            total = np.cumsum(draws, axis=1)
+            span_budget = np.minimum(span_budget, total[:, -1])
+            last = np.argmax(total >= span_budget[:, None], axis=1)  # the first draw that reaches the budget
+            span_count = np.where(span_budget > 0, last + 1, 0)
+            drawn = column < span_count[:, None]
+            lengths = np.where(drawn, draws, 0)
+            lengths[rows, last] = np.where(span_count > 0, span_budget - total[rows, last] + draws[rows, last], 0)
+            lengths = np.take_along_axis(lengths, np.argsort(np.where(drawn, draw(_STREAM_SPAN_ORDER, draws_width), 2.0), axis=1), axis=1)
+            # Stars and bars: which of the (units - budget) free units and the spans' places hold spans,
+            # uniformly; span k then starts after the free units and the spans before it.
+            items = units - span_budget + span_count
+            item_keys = draw(_STREAM_SPAN_PLACE, width + draws_width)
+            picks = np.argsort(np.where(np.arange(width + draws_width)[None, :] < items[:, None], item_keys, 2.0), axis=1)[:, :draws_width]
+            place = np.sort(np.where(drawn, picks, width + draws_width), axis=1)
+            first_unit = np.where(drawn, place - column + np.cumsum(lengths, axis=1) - lengths, width)
+            boundary = np.zeros((count, width + 1), np.int64)
+            covering = drawn & (lengths > 0)
+            span_rows = np.nonzero(covering)[0]
+            np.add.at(boundary, (span_rows, first_unit[covering]), 1)
+            np.add.at(boundary, (span_rows, (first_unit + lengths)[covering]), -1)
+            state[np.cumsum(boundary, axis=1)[:, :width] > 0] = _SPAN
+            opens[span_rows, first_unit[covering]] = True
+            empty = drawn & (lengths == 0)
+            np.add.at(inserts, (np.nonzero(empty)[0], first_unit[empty]), 1)
+            spans = dict(starts=first_unit, lengths=lengths, draws=draws)
+        free = (slot < units[:, None]) & (state == _KEEP)
+        free_count = free.sum(1)
+        mask_budget = np.minimum(budget(spec.masking, 1), free_count)
+        delete_budget = np.minimum(budget(spec.deletion, 2), free_count - mask_budget)
+        if (mask_budget + delete_budget).any():
+            rank = np.argsort(np.argsort(np.where(free, draw(_STREAM_CHOOSE, width), 2.0), axis=1), axis=1)
+            state[free & (rank < mask_budget[:, None])] = _MASK
+            state[free & (rank >= mask_budget[:, None]) & (rank < (mask_budget + delete_budget)[:, None])] = _DELETE
+        in_unit = slot < units[:, None]
+        stats.update(
             units=units,
             masked_units=mask_budget,
-            masked_tokens=tokens_in[_MASK],
+            masked_tokens=np.where(in_unit & (state == _MASK), unit_tokens, 0).sum(1),
             deleted_units=delete_budget,
-            deleted_tokens=tokens_in[_DELETE],
+            deleted_tokens=np.where(in_unit & (state == _DELETE), unit_tokens, 0).sum(1),
             infilled_units=span_budget,
-            infilled_tokens=tokens_in[_SPAN],
-            span_starts=first_unit,
-            span_lengths=spans,
-            span_draws=draws,
+            infilled_tokens=np.where(in_unit & (state == _SPAN), unit_tokens, 0).sum(1),
+            spans=span_count,
         )
         # Each token emits the [MASK]s of the 0-length spans before its unit, then its id, a [MASK]
-        # (masked, or the first token of a span) or nothing (deleted, or inside a span).
-        inserts = np.bincount(first_unit[spans == 0], minlength=units + 1)
-        opens = np.zeros(units, np.bool_)
-        opens[first_unit[spans > 0]] = True
-        token_state = state[unit_of]
-        emit = (token_state <= _MASK) | (opens[unit_of] & starts)  # kept, masked, or opening a span
-        per_token = np.where(starts, inserts[unit_of], 0) + emit
-        out = np.full(int(per_token.sum()) + int(inserts[units]), self.mask_id, np.int32)
-        out[(np.cumsum(per_token) - 1)[emit]] = np.where(token_state == _KEEP, tokens, self.mask_id)[emit]
+        # (masked, or the first token of a span) or nothing (deleted, or inside a span); a last
+        # column emits the 0-length spans at the end.
+        token_state = np.take_along_axis(state, unit_of, axis=1)
+        emit = real & ((token_state <= _MASK) | (np.take_along_axis(opens, unit_of, axis=1) & starts))
+        before = np.where(starts, np.take_along_axis(inserts, unit_of, axis=1), 0)
+        per_token = np.concatenate([before + emit, inserts[rows, units][:, None]], axis=1)
+        emit = np.concatenate([emit, np.zeros((count, 1), np.bool_)], axis=1)
+        value = np.concatenate([np.where(token_state == _KEEP, tokens, self.mask_id), np.full((count, 1), self.mask_id)], axis=1)
+        body_length = per_token.sum(1)
+        body = np.full((count, max(int(body_length.max()), 1)), self.mask_id, np.int32)
+        emit_rows, emit_columns = np.nonzero(emit)
+        body[emit_rows, (np.cumsum(per_token, axis=1) - 1)[emit_rows, emit_columns]] = value[emit_rows, emit_columns]
         if spec.mask_random > 0:
-            replace = (out == self.mask_id) & (rng.random(len(out)) < spec.mask_random)
-            out[replace] = self.replacement_ids[rng.integers(len(self.replacement_ids), size=int(replace.sum()))]
-            record["random_replacements"] = int(replace.sum())
-        return out
+            out_width = body.shape[1]
+            replace = (body == self.mask_id) & (np.arange(out_width)[None, :] < body_length[:, None])
+            replace &= draw(_STREAM_RANDOM, out_width) < spec.mask_random
+            random_ids = self.replacement_ids[(draw(_STREAM_REPLACEMENT, out_width) * len(self.replacement_ids)).astype(np.int64)]
+            body = np.where(replace, random_ids, body)
+            stats["random_replacements"] = replace.sum(1)
+        return body, body_length, spans
 
-    def _rotate(self, body, rng, record):
-        """With probability `rotation`, start the source at a uniformly chosen token other than the first."""
-        if self.spec.rotation == 0 or rng.random() >= self.spec.rotation:
+    def _rotate(self, body, body_length, lengths, draw, stats):
+        """With probability `rotation`, a row starts at a uniformly chosen token other than its first."""
+        count = len(body)
+        stats.update(rotation_offset=np.zeros(count, np.int64), unrotatable=np.zeros(count, np.bool_))
+        if self.spec.rotation == 0:
             return body
-        if len(body) < 2:
-            record["unrotatable"] = True
-            return body
-        offset = int(rng.integers(1, len(body)))
-        record["rotation_offset"] = offset
-        return np.roll(body, -offset)
+        coin = draw(_STREAM_ROTATE, 2)
+        rotate = (coin[:, 0] < self.spec.rotation) & (lengths > 0)
+        stats["unrotatable"] = rotate & (body_length < 2)
+        rotate &= body_length >= 2
+        offset = np.where(rotate, 1 + np.floor(coin[:, 1] * (body_length - 1)).astype(np.int64), 0)
+        stats["rotation_offset"] = offset
+        column = np.arange(body.shape[1])[None, :]
+        return np.take_along_axis(body, (column + offset[:, None]) % np.maximum(body_length, 1)[:, None], axis=1)
 
 
 def realised_stats(records: Sequence[dict]) -> dict:
