@@ -703,34 +703,72 @@ def cache_root(config) -> pathlib.Path:
 
 
 class TokenStore:
-    """The token ids of several prepared units as one flat int32 array, memory-mapped: indexing reads
-    only the pages it touches, and the page cache is shared by every process of a host."""
+    """The token ids of several prepared units as one flat int32 array, read from disk on demand.
 
-    def __init__(self, parts: list[np.ndarray]):
-        self.parts = parts
-        self.starts = np.concatenate([[0], np.cumsum([len(part) for part in parts], dtype=np.int64)])
+    Indexing reads only the spans of the files it needs (one os.preadv per run of consecutive positions), so
+    a process holds no more of the corpus than the batch it assembles: no token cache in memory, and
+    no mapped pages that would count in its RSS as training reads its way through the corpus.
+    """
+
+    def __init__(self, paths: list[pathlib.Path]):
+        self.paths = [pathlib.Path(path) for path in paths]
+        sizes = [path.stat().st_size // 4 for path in self.paths]
+        self.starts = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
+        self._descriptors: tuple[int, list[int]] | None = None
+
+    def __getstate__(self):  # grain's worker processes get their own descriptors
+        return dict(self.__dict__, _descriptors=None)
+
+    def _files(self) -> list[int]:
+        if self._descriptors is None or self._descriptors[0] != os.getpid():
+            self._descriptors = (os.getpid(), [os.open(path, os.O_RDONLY) for path in self.paths])
+        return self._descriptors[1]
+
+    def __del__(self):
+        if self._descriptors is not None and self._descriptors[0] == os.getpid():
+            for descriptor in self._descriptors[1]:
+                os.close(descriptor)
 
     def __len__(self) -> int:
         return int(self.starts[-1])
 
+    def _read(self, begin: int, end: int) -> np.ndarray:
+        """Tokens begin..end-1, within one file."""
+        part = int(np.searchsorted(self.starts, begin, side="right")) - 1
+        offset = begin - int(self.starts[part])
+        data = os.pread(self._files()[part], 4 * (end - begin), 4 * offset)
+        return np.frombuffer(data, np.int32)
+
     def __getitem__(self, index) -> np.ndarray:
         if isinstance(index, slice):
-            index = np.arange(*index.indices(len(self)))
+            begin, end, step = index.indices(len(self))
+            if step != 1 or end <= begin:
+                return self[np.arange(begin, end, step)]
+            bounds = [begin, *(int(s) for s in self.starts if begin < s < end), end]
+            return np.concatenate([self._read(b, e) for b, e in zip(bounds[:-1], bounds[1:])])
         index = np.asarray(index, np.int64)
-        if len(self.parts) == 1:
-            return np.asarray(self.parts[0][index])
+        if not index.size:
+            return np.zeros(index.shape, np.int32)
+        # Runs of consecutive positions (a segment of a document) within one file, each read into its
+        # place in the result.
         flat = index.ravel()
-        part = np.searchsorted(self.starts, flat, side="right") - 1
-        order = np.argsort(part, kind="stable")
-        bounds = np.searchsorted(part[order], np.arange(len(self.parts) + 1))
-        out = np.empty(len(flat), np.int32)
-        for p in np.flatnonzero(np.diff(bounds)):
-            rows = order[bounds[p] : bounds[p + 1]]
-            out[rows] = self.parts[p][flat[rows] - self.starts[p]]
-        return out.reshape(index.shape)
+        breaks = np.ones(len(flat), np.bool_)
+        breaks[1:] = np.diff(flat) != 1
+        part = np.searchsorted(self.starts, flat, side="right") - 1 if len(self.paths) > 1 else np.zeros(len(flat), np.int64)
+        if len(self.paths) > 1:
+            breaks[1:] |= np.diff(part) != 0
+        first = np.flatnonzero(breaks)
+        lengths = np.diff(np.append(first, len(flat)))
+        run_part = part[first]
+        result = np.empty(len(flat), np.int32)
+        view = memoryview(result.view(np.uint8))
+        files = self._files()
+        for file, offset, at, size in zip(run_part.tolist(), (4 * (flat[first] - self.starts[run_part])).tolist(), (4 * first).tolist(), (4 * lengths).tolist()):
+            os.preadv(files[file], [view[at : at + size]], offset)
+        return result.reshape(index.shape)
 
     def __array__(self, dtype=None, copy=None):
-        whole = np.concatenate([np.asarray(part) for part in self.parts]) if self.parts else np.zeros(0, np.int32)
+        whole = self[:]
         return whole.astype(dtype) if dtype is not None else whole
 
 
@@ -1101,8 +1139,10 @@ def _load_unit(directory: pathlib.Path) -> dict[str, np.ndarray]:
     for name, dtype in UNIT_ARRAYS.items():
         path = directory / f"{name}.bin"
         size = path.stat().st_size
-        # Small arrays are read; the tokens and sentence lengths are mapped (read as pages are touched).
-        if size and name in ("tokens", "sentence_lengths"):
+        # The tokens are read by TokenStore; the sentence lengths are mapped (only instance tables need them).
+        if name == "tokens":
+            continue
+        if size and name == "sentence_lengths":
             arrays[name] = np.memmap(path, dtype=dtype, mode="r")
         else:
             arrays[name] = np.fromfile(path, dtype=dtype)
@@ -1179,7 +1219,7 @@ def _documents_of(units: list[_Unit]) -> tuple[TokenizedDocuments, np.ndarray]:
     hashes = np.concatenate([a["document_hash"] for a in arrays])
     lengths_parts = [a["sentence_lengths"] for a in arrays if len(a["sentence_lengths"])]
     lengths = lengths_parts[0] if len(lengths_parts) == 1 else np.concatenate(lengths_parts or [np.zeros(0, np.int32)])
-    tokens = TokenStore([a["tokens"] for a in arrays if len(a["tokens"])])
+    tokens = TokenStore([unit.directory / "tokens.bin" for unit in units])
     return TokenizedDocuments(tokens, lengths, np.concatenate([[0], np.cumsum(sizes)])), hashes
 
 

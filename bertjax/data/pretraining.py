@@ -223,8 +223,9 @@ def assemble(tokens: np.ndarray, instances: Instances, index: np.ndarray, max_se
     b_first = a_length + 2
     in_b = (position >= b_first) & (position < b_first + b_length)
     source = np.where(in_a, a_start + position - 1, b_start + position - b_first)
-    source = np.where(in_a | in_b, source, 0)
-    input_ids = np.where(in_a | in_b, tokens[source], tokenizer.pad_id)
+    inside = in_a | in_b
+    input_ids = np.full(source.shape, tokenizer.pad_id, np.int32)
+    input_ids[inside] = tokens[source[inside]]  # only the segments' tokens are read (a lazy store reads them from disk)
     total = a_length + 2 + (b_length + 1 if paired else 0)
     input_ids[:, 0] = tokenizer.cls_id
     input_ids = np.where(position == a_length + 1, tokenizer.sep_id, input_ids)
