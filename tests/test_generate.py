@@ -233,7 +233,8 @@ WORDS = "the a cat dog sat ran on in mat park big small red blue old new one two
 
 
 def test_generate_verb_writes_one_line_per_input_as_huggingface_generates(tmp_path, monkeypatch, capsys):
-    """A random HF BART directory with a WordPiece vocabulary ([CLS] text [SEP] framing): three lines in
+    """A random HF BART directory with a WordPiece vocabulary ([CLS] text [SEP] framing), and the bertjax
+    workdir `bertjax convert` makes of it: three lines in
     batches of two (the second padded with a filler row), each output the text of HF's tokens (one
     ends early at EOS, two run to max_length)."""
     import io
@@ -251,9 +252,16 @@ def test_generate_verb_writes_one_line_per_input_as_huggingface_generates(tmp_pa
     reference = random_bart(tmp_path, **ids)
     lines = ["the cat sat on the mat.", "two red dogs ran in the park", "we saw it"]
 
-    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO("\n".join(lines).encode() + b"\n")))
-    assert cli.main(["generate", "--workdir", str(tmp_path), "--batch-size", "2", "--max-length", "12"]) == 0
-    outputs = capsys.readouterr().out.splitlines()
+    hf_dir, workdir = tmp_path, tmp_path / "converted"
+    assert cli.main(["convert", "--from", str(hf_dir), "--to", str(workdir)]) == 0
+    capsys.readouterr()
+    outputs = {}
+    for source in (hf_dir, workdir):
+        monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO("\n".join(lines).encode() + b"\n")))
+        assert cli.main(["generate", "--workdir", str(source), "--batch-size", "2", "--max-length", "12"]) == 0
+        outputs[source] = capsys.readouterr().out.splitlines()
+    assert outputs[workdir] == outputs[hf_dir]
+    outputs = outputs[hf_dir]
 
     tok = tokenizer_lib.load(tmp_path)
     sources = tok.encode_batch(lines)
