@@ -53,7 +53,6 @@ from flax import linen as nn
 from flax import traverse_util
 
 from bertjax import config as config_lib
-from bertjax import models
 from bertjax.convert import hf
 from bertjax.errors import MissingInputError, UserError
 
@@ -270,8 +269,7 @@ def _single_device(abstract_params):
 def _abstract_params_for(config) -> dict:
     from bertjax.train import state as state_lib
 
-    model = models.BertForPreTraining(models.BertConfig.from_config(config.model))
-    return nn.meta.unbox(state_lib.abstract_params(model, 8))
+    return nn.meta.unbox(state_lib.abstract_params(hf.model_for(config.model), 8))
 
 
 def load_params(source: str, abstract_params=None):
@@ -357,7 +355,7 @@ def convert(source: str, target: str) -> str:
         save_params(target_dir, config, variables["params"])
         return f"wrote bertjax workdir {target_dir} from HuggingFace checkpoint {source_dir} (tokenizer files: {copied or 'none'})"
     config, params = load_params(source)
-    hf.save(models.BertForPreTraining(models.BertConfig.from_config(config.model)), {"params": params}, target_dir)
+    hf.save(hf.model_for(config.model), {"params": params}, target_dir)
     try:
         copied = hf.copy_tokenizer_files(tokenizer_path(source), target_dir)
     except FileNotFoundError:

@@ -29,6 +29,7 @@ import difflib
 import logging
 import os
 import pathlib
+import signal
 import sys
 
 from absl import flags
@@ -181,7 +182,17 @@ def pretrain(argv):
     config, flag_values, _, _ = _parse_config_flags("pretrain", argv, config_lib.DEFAULT_PRETRAIN_CONFIG, _define_workdir, PRETRAIN_DOC)
     from bertjax.train import pretrain as pretrain_lib
 
-    pretrain_lib.train_and_evaluate(config, _require_workdir("pretrain", flag_values))
+    summary = pretrain_lib.train_and_evaluate(config, _require_workdir("pretrain", flag_values))
+    stopped_by = summary.get("stopped_by")
+    if stopped_by in ("SIGTERM", "SIGINT"):
+        # Not 0: a chain such as `pretrain && finetune` (a scheduler's, or `sweep --print-commands`) must
+        # not go on as if training had finished. 128 + the signal's number, as a shell reports it.
+        print(
+            f"bertjax pretrain: stopped by {stopped_by} at step {summary['step']}, checkpoint saved; run the same command to resume",
+            file=sys.stderr,
+        )
+        return 128 + signal.Signals[stopped_by].value
+    return 0
 
 
 FINETUNE_DOC = """bertjax finetune: fine-tune on a downstream task; writes results.json in the workdir.
@@ -427,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
     # JAX says at INFO that it found no TPU on every machine without one.
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
     try:
-        verb(argv[1:])
+        status = verb(argv[1:])
     except errors.UserError as error:
         if verbose:
             raise
@@ -436,7 +447,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"bertjax {argv[0]}: interrupted", file=sys.stderr)
         return errors.EXIT_INTERRUPTED
-    return 0
+    return status if isinstance(status, int) else 0
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """`bertjax pretrain` as a user runs it (a subprocess): on real text the MLM loss falls; kill -9
-then the same command resumes from the last complete checkpoint; SIGTERM saves and exits cleanly."""
+then the same command resumes from the last complete checkpoint; SIGTERM saves a checkpoint and exits with
+143 (not 0: `pretrain && finetune` must not go on as if training had finished)."""
 
 import json
 import os
@@ -100,14 +101,15 @@ def test_kill_9_then_the_same_command_resumes_from_a_complete_checkpoint(shared_
     assert not [path.name for path in (tmp_path / "checkpoints").iterdir() if "tmp" in path.name]
 
 
-def test_sigterm_saves_a_checkpoint_and_exits_cleanly(shared_data, tmp_path, environment):
+def test_sigterm_saves_a_checkpoint_and_exits_143(shared_data, tmp_path, environment):
     args = command(shared_data, tmp_path, "--config.train.total_steps=100000", "--config.train.log_every=1", "--config.train.eval_batches=0", "--config.checkpoint.every=100000")
     process = subprocess.Popen(args, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for(lambda: len(records(tmp_path)) >= 3, process)
     process.send_signal(signal.SIGTERM)
     stdout, stderr = process.communicate(timeout=120)
-    assert process.returncode == 0, stderr[-3000:]
+    assert process.returncode == 128 + signal.SIGTERM, stderr[-3000:]
     assert "pretrain stopped" in stdout and "stopped_by=SIGTERM" in stdout
+    assert "stopped by SIGTERM at step" in stderr and "run the same command to resume" in stderr
     saved = complete_steps(tmp_path)
     assert len(saved) == 1 and saved[0] >= 3
     assert saved[0] == records(tmp_path)[-1]["step"]

@@ -1,7 +1,13 @@
-"""HuggingFace `transformers` BERT checkpoints <-> bertjax parameters.
+"""HuggingFace `transformers` checkpoints <-> bertjax parameters: BERT and BART.
 
     model, variables = hf.load("path/to/hf_dir")      # config.json + model.safetensors
     hf.save(model, variables, "path/to/out_dir")       # BertForPreTraining.from_pretrained reads it
+
+config.json's model_type chooses the model: 'bert' (BertForPreTraining) gives a
+`models.BertForPreTraining`, 'bart' (BartForConditionalGeneration, post-LN) and 'mbart'
+(MBartForConditionalGeneration, pre-LN with a final LayerNorm on each stack) a `models.seq2seq.Seq2Seq`.
+BART's learned position tables have two rows HF never reads (its positions start at row 2): load
+drops them and save writes them as zeros.
 
 Weights are read and written with `safetensors.numpy` only: a pickled checkpoint (pytorch_model.bin)
 is refused, never unpickled, because unpickling runs arbitrary code. `transformers` itself is not
@@ -25,6 +31,8 @@ import safetensors.numpy
 
 from bertjax import config as config_lib
 from bertjax.models import BertConfig, BertForPreTraining
+from bertjax.models import seq2seq
+from bertjax.models.seq2seq import Seq2Seq, Seq2SeqConfig
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -34,7 +42,16 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
 # Tensors HF writes that hold no parameter (the position-id buffer of older versions).
 IGNORED_TENSORS = ("bert.embeddings.position_ids",)
-TIED_DECODER = "cls.predictions.decoder.weight"
+# The word-embedding table of each family, and the copies of it HF may write besides; bertjax ties them all.
+WORD_EMBEDDINGS = {"bert": "bert.embeddings.word_embeddings.weight", "bart": "model.shared.weight"}
+TIED_DECODERS = {
+    "bert": ("cls.predictions.decoder.weight",),
+    "bart": ("lm_head.weight", "model.encoder.embed_tokens.weight", "model.decoder.embed_tokens.weight"),
+}
+# Tensors HF itself loads as zeros when a checkpoint lacks them (BartForConditionalGeneration's _keys_to_ignore_on_load_missing).
+ZERO_WHEN_MISSING = ("final_logits_bias",)
+BART_POSITION_OFFSET = 2  # HF's BartLearnedPositionalEmbedding reads row position + 2
+SEQ2SEQ_TYPES = {"bart": ("post", "BartForConditionalGeneration"), "mbart": ("pre", "MBartForConditionalGeneration")}
 DECODER_BIAS_ALIAS = ("cls.predictions.decoder.bias", "cls.predictions.bias")
 # Older checkpoints (the original TF conversion) name LayerNorm parameters gamma/beta.
 LAYER_NORM_ALIASES = {".gamma": ".weight", ".beta": ".bias"}
@@ -50,6 +67,7 @@ class TensorMap:
     path: tuple[str, ...]  # in the bertjax parameter tree
     hf_shape: tuple[int, ...]
     transpose: bool  # torch Linear weights are [out, in]; Flax kernels are [in, ...out]
+    skipped_rows: int = 0  # leading rows HF keeps and never reads (BART's position offset)
 
 
 def linear(hf_prefix: str, path: tuple[str, ...], out_features: int, in_features: int) -> list[TensorMap]:
@@ -66,12 +84,15 @@ def norm(hf_prefix: str, path: tuple[str, ...], features: int) -> list[TensorMap
     ]
 
 
-def embedding(hf_name: str, path: tuple[str, ...], rows: int, features: int) -> TensorMap:
-    return TensorMap(hf_name, (*path, "embedding"), (rows, features), False)
+def embedding(hf_name: str, path: tuple[str, ...], rows: int, features: int, skipped_rows: int = 0) -> TensorMap:
+    return TensorMap(hf_name, (*path, "embedding"), (rows + skipped_rows, features), False, skipped_rows)
 
 
 def tensor_map(cfg: BertConfig) -> list[TensorMap]:
-    """Every tensor of a HF BertForPreTraining and where it lives in bertjax's parameter tree."""
+    """Every tensor of the HF model of `cfg` (BertForPreTraining, or for a Seq2SeqConfig a
+    BartForConditionalGeneration) and where it lives in bertjax's parameter tree."""
+    if isinstance(cfg, Seq2SeqConfig):
+        return bart_tensor_map(cfg)
     if cfg.position_embedding != "learned" or cfg.layer_norm != "post":
         raise HFCheckpointError(
             f"a HuggingFace BERT has learned positions and post-LN; this model has "
@@ -102,8 +123,46 @@ def tensor_map(cfg: BertConfig) -> list[TensorMap]:
     return tensors
 
 
+def bart_tensor_map(cfg: Seq2SeqConfig) -> list[TensorMap]:
+    """Every tensor of a HF (M)BartForConditionalGeneration: post-LN is BART's layout, pre-LN mBART's."""
+    if cfg.position_embedding != "learned":
+        raise HFCheckpointError(f"a HuggingFace BART has learned positions; this model has position_embedding={cfg.position_embedding!r}")
+    hidden, intermediate = cfg.hidden_size, cfg.intermediate_size
+    tensors = [
+        embedding("model.shared.weight", ("word_embeddings",), cfg.vocab_size, hidden),
+        TensorMap("final_logits_bias", ("final_logits_bias",), (1, cfg.vocab_size), False),
+    ]
+
+    def attention(hf_prefix: str, path: tuple[str, ...]) -> list[TensorMap]:
+        projections = [("q_proj", "query"), ("k_proj", "key"), ("v_proj", "value"), ("out_proj", "output")]
+        return [tensor for hf_name, name in projections for tensor in linear(f"{hf_prefix}.{hf_name}", (*path, name), hidden, hidden)]
+
+    for stack, layers in (("encoder", cfg.num_layers), ("decoder", cfg.num_decoder_layers)):
+        hf_stack = f"model.{stack}"
+        tensors.append(
+            embedding(f"{hf_stack}.embed_positions.weight", (stack, "embeddings", "position_embeddings"), cfg.max_position_embeddings, hidden, BART_POSITION_OFFSET)
+        )
+        tensors += norm(f"{hf_stack}.layernorm_embedding", (stack, "embeddings", "LayerNorm"), hidden)
+        for i in range(layers):
+            hf_layer, layer = f"{hf_stack}.layers.{i}", (stack, f"layer_{i}")
+            if stack == "encoder":
+                tensors += attention(f"{hf_layer}.self_attn", (*layer, "attention"))
+                tensors += norm(f"{hf_layer}.self_attn_layer_norm", (*layer, "attention_layer_norm"), hidden)
+            else:
+                tensors += attention(f"{hf_layer}.self_attn", (*layer, "self_attention"))
+                tensors += norm(f"{hf_layer}.self_attn_layer_norm", (*layer, "self_attention_layer_norm"), hidden)
+                tensors += attention(f"{hf_layer}.encoder_attn", (*layer, "cross_attention"))
+                tensors += norm(f"{hf_layer}.encoder_attn_layer_norm", (*layer, "cross_attention_layer_norm"), hidden)
+            tensors += linear(f"{hf_layer}.fc1", (*layer, "mlp", "intermediate"), intermediate, hidden)
+            tensors += linear(f"{hf_layer}.fc2", (*layer, "mlp", "output"), hidden, intermediate)
+            tensors += norm(f"{hf_layer}.final_layer_norm", (*layer, "mlp_layer_norm"), hidden)
+        if cfg.layer_norm == "pre":
+            tensors += norm(f"{hf_stack}.layer_norm", (stack, "final_layer_norm"), hidden)
+    return tensors
+
+
 def to_bertjax(tensor: TensorMap, array: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    array = array.T if tensor.transpose else array
+    array = array.T if tensor.transpose else array[tensor.skipped_rows :]
     return np.ascontiguousarray(array.reshape(shape), dtype=np.float32)
 
 
@@ -111,10 +170,12 @@ def to_hf(tensor: TensorMap, array: np.ndarray) -> np.ndarray:
     array = np.asarray(array, dtype=np.float32)
     if tensor.transpose:
         return np.ascontiguousarray(array.reshape(tensor.hf_shape[::-1]).T)
+    if tensor.skipped_rows:
+        array = np.concatenate([np.zeros((tensor.skipped_rows, *array.shape[1:]), np.float32), array])
     return np.ascontiguousarray(array.reshape(tensor.hf_shape))
 
 
-def param_shapes(model: BertForPreTraining) -> dict[tuple[str, ...], tuple[int, ...]]:
+def param_shapes(model: BertForPreTraining | Seq2Seq) -> dict[tuple[str, ...], tuple[int, ...]]:
     """The model's parameter shapes by path, from an abstract init (nothing is allocated)."""
     ids = jnp.zeros((1, 1), jnp.int32)
     abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), ids, ids, ids))
@@ -141,10 +202,14 @@ HF_CONFIG_KEYS = {  # HF config.json key -> (config.model key, HF's default when
 
 
 def config_from_hf(hf_config: dict, source: str = CONFIG_FILE) -> ml_collections.ConfigDict:
-    """A `config.model` ConfigDict from a HF BERT config.json dict; `source` names the file in errors."""
+    """A `config.model` ConfigDict from a HF BERT or (M)BART config.json dict; `source` names the file in errors."""
     model_type = hf_config.get("model_type")
+    if model_type in SEQ2SEQ_TYPES:
+        return bart_config_from_hf(hf_config, source)
     if model_type != "bert":
-        raise HFCheckpointError(f"{source}: model_type={model_type!r}, not a BERT checkpoint (expected 'bert')")
+        raise HFCheckpointError(
+            f"{source}: model_type={model_type!r}, not a BERT checkpoint (expected 'bert') nor a BART one ({' or '.join(map(repr, SEQ2SEQ_TYPES))})"
+        )
     checks = {"hidden_act": ("gelu", None), "position_embedding_type": ("absolute", None)}  # None: HF's default
     for key, allowed in checks.items():
         if hf_config.get(key) not in allowed:
@@ -166,12 +231,85 @@ def config_from_hf(hf_config: dict, source: str = CONFIG_FILE) -> ml_collections
     return model
 
 
+BART_CONFIG_KEYS = {  # HF config.json key -> (config.model key, HF's default when absent)
+    "vocab_size": ("vocab_size", None),
+    "d_model": ("hidden_size", None),
+    "encoder_layers": ("num_layers", None),
+    "decoder_layers": ("num_decoder_layers", None),
+    "encoder_attention_heads": ("num_heads", None),
+    "encoder_ffn_dim": ("intermediate_size", None),
+    "max_position_embeddings": ("max_position_embeddings", 1024),
+    "dropout": ("hidden_dropout", 0.1),
+    "attention_dropout": ("attention_dropout", 0.0),
+    "init_std": ("initializer_range", 0.02),
+    "pad_token_id": ("pad_token_id", 1),
+    "bos_token_id": ("bos_token_id", 0),
+    "eos_token_id": ("eos_token_id", 2),
+    "decoder_start_token_id": ("decoder_start_token_id", 2),
+    "scale_embedding": ("scale_embedding", False),
+}
+# The decoder's shapes bertjax keeps equal to the encoder's (one Layer config for both stacks).
+BART_SAME_AS_ENCODER = {"decoder_attention_heads": "encoder_attention_heads", "decoder_ffn_dim": "encoder_ffn_dim"}
+BART_LAYER_NORM_EPS = 1e-5  # torch.nn.LayerNorm's default, which (M)BART uses
+
+
+def bart_config_from_hf(hf_config: dict, source: str) -> ml_collections.ConfigDict:
+    """A seq2seq `config.model` from a HF BART ('post'-LN) or mBART ('pre'-LN) config.json dict.
+
+    activation_dropout (dropout inside the feed-forward block, training only) has no bertjax counterpart.
+    """
+    if hf_config.get("activation_function", "gelu") != "gelu":
+        raise HFCheckpointError(f"{source}: activation_function={hf_config['activation_function']!r} is not supported (bertjax's BART has 'gelu')")
+    for decoder_key, encoder_key in BART_SAME_AS_ENCODER.items():
+        if decoder_key in hf_config and hf_config[decoder_key] != hf_config.get(encoder_key):
+            raise HFCheckpointError(
+                f"{source}: {decoder_key}={hf_config[decoder_key]} differs from {encoder_key}={hf_config.get(encoder_key)}; bertjax's seq2seq needs them equal"
+            )
+    if hf_config.get("decoder_start_token_id") is None:  # mBART's: HF generate then starts with bos_token_id
+        hf_config = {**hf_config, "decoder_start_token_id": hf_config.get("bos_token_id", BART_CONFIG_KEYS["bos_token_id"][1])}
+    model = seq2seq.model_config()
+    for hf_key, (key, default) in BART_CONFIG_KEYS.items():
+        value = hf_config.get(hf_key, default)
+        if value is None:
+            raise HFCheckpointError(f"{source}: lacks {hf_key!r}")
+        model[key] = value
+    model.layer_norm = SEQ2SEQ_TYPES[hf_config["model_type"]][0]
+    model.layer_norm_eps = BART_LAYER_NORM_EPS
+    model.position_embedding = "learned"
+    size = (model.num_layers, model.hidden_size, model.num_heads)
+    shaped = model.num_decoder_layers == model.num_layers and model.intermediate_size == 4 * model.hidden_size
+    model.size = next((name for name, shape in seq2seq.SIZES.items() if shaped and shape == size), "custom")
+    try:
+        config_lib.validate(ml_collections.ConfigDict({"model": model}))
+    except config_lib.ConfigError as error:
+        raise HFCheckpointError(f"{source}: {error}") from error
+    return model
+
+
 def hf_config_from(cfg: BertConfig) -> dict:
-    """The config.json of a HF BertForPreTraining with this model's shape."""
+    """The config.json of the HF model with this model's shape (BertForPreTraining, or (M)BartForConditionalGeneration)."""
+    if isinstance(cfg, Seq2SeqConfig):
+        return bart_hf_config_from(cfg)
     hf_config = {"architectures": ["BertForPreTraining"], "model_type": "bert", "hidden_act": "gelu"}
     hf_config.update({hf_key: getattr(cfg, key) for hf_key, (key, _) in HF_CONFIG_KEYS.items()})
     hf_config.update(position_embedding_type="absolute", pad_token_id=0, tie_word_embeddings=True)
     return hf_config
+
+
+def bart_hf_config_from(cfg: Seq2SeqConfig) -> dict:
+    model_type = next(name for name, (layer_norm, _) in SEQ2SEQ_TYPES.items() if layer_norm == cfg.layer_norm)
+    hf_config = {"architectures": [SEQ2SEQ_TYPES[model_type][1]], "model_type": model_type, "activation_function": "gelu"}
+    hf_config.update({hf_key: getattr(cfg, key) for hf_key, (key, _) in BART_CONFIG_KEYS.items()})
+    hf_config.update({decoder_key: hf_config[encoder_key] for decoder_key, encoder_key in BART_SAME_AS_ENCODER.items()})
+    hf_config.update(activation_dropout=0.0, is_encoder_decoder=True, tie_word_embeddings=True, forced_eos_token_id=None)
+    return hf_config
+
+
+def model_for(model_config) -> BertForPreTraining | Seq2Seq:
+    """The bertjax model a `config.model` describes: a Seq2Seq when it has decoder layers, else BERT."""
+    if "num_decoder_layers" in model_config:
+        return Seq2Seq(Seq2SeqConfig.from_config(model_config))
+    return BertForPreTraining(BertConfig.from_config(model_config))
 
 
 # ------------------------------------------------------------------------------------------- load
@@ -212,12 +350,20 @@ def canonical_names(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return renamed
 
 
-def params_from_hf(tensors: dict[str, np.ndarray], model: BertForPreTraining, source: str) -> dict:
+def params_from_hf(tensors: dict[str, np.ndarray], model: BertForPreTraining | Seq2Seq, source: str) -> dict:
     """The bertjax parameter tree (plain float32 arrays) from HF tensors; errors name the tensor."""
     tensors = canonical_names(tensors)
+    family = "bart" if isinstance(model.cfg, Seq2SeqConfig) else "bert"
+    table_name = WORD_EMBEDDINGS[family]
+    if table_name not in tensors:  # a checkpoint that kept only one of the tied copies
+        copy = next((name for name in TIED_DECODERS[family] if name in tensors), None)
+        if copy is not None:
+            tensors[table_name] = tensors[copy]
     shapes = param_shapes(model)
     flat = {}
     for tensor in tensor_map(model.cfg):
+        if tensor.hf_name not in tensors and tensor.hf_name in ZERO_WHEN_MISSING:
+            tensors[tensor.hf_name] = np.zeros(tensor.hf_shape, np.float32)
         if tensor.hf_name not in tensors:
             raise HFCheckpointError(f"{source}: tensor {tensor.hf_name} is missing")
         array = tensors.pop(tensor.hf_name)
@@ -226,13 +372,15 @@ def params_from_hf(tensors: dict[str, np.ndarray], model: BertForPreTraining, so
                 f"{source}: tensor {tensor.hf_name} has shape {array.shape}, but config.json implies {tensor.hf_shape}"
             )
         flat[tensor.path] = jnp.asarray(to_bertjax(tensor, array, shapes[tensor.path]))
-    decoder = tensors.pop(TIED_DECODER, None)
-    word_embeddings = flat[("encoder", "embeddings", "word_embeddings", "embedding")]
-    if decoder is not None and not np.array_equal(decoder, np.asarray(word_embeddings)):
-        raise HFCheckpointError(f"{source}: tensor {TIED_DECODER} differs from the word embeddings; bertjax ties them")
+    word_embeddings = next(np.asarray(flat[tensor.path]) for tensor in tensor_map(model.cfg) if tensor.hf_name == table_name)
+    for name in TIED_DECODERS[family]:
+        copy = tensors.pop(name, None)
+        if copy is not None and not np.array_equal(copy, word_embeddings):
+            raise HFCheckpointError(f"{source}: tensor {name} differs from the word embeddings; bertjax ties them")
     unexpected = sorted(name for name in tensors if name not in IGNORED_TENSORS)
     if unexpected:
-        raise HFCheckpointError(f"{source}: tensors a BertForPreTraining does not have: {', '.join(unexpected)}")
+        architecture = hf_config_from(model.cfg)["architectures"][0]
+        raise HFCheckpointError(f"{source}: tensors a {architecture} does not have: {', '.join(unexpected)}")
     return flax.traverse_util.unflatten_dict(flat)
 
 
@@ -250,10 +398,11 @@ def read_config(hf_dir: pathlib.Path) -> ml_collections.ConfigDict:
     return config_from_hf(hf_config, source=str(config_path))
 
 
-def load(hf_dir: str | pathlib.Path) -> tuple[BertForPreTraining, dict]:
-    """(model, {'params': plain float32 arrays}) from a directory of `BertForPreTraining.save_pretrained`."""
+def load(hf_dir: str | pathlib.Path) -> tuple[BertForPreTraining | Seq2Seq, dict]:
+    """(model, {'params': plain float32 arrays}) from a directory of `BertForPreTraining.save_pretrained`
+    (a BertForPreTraining) or of `(M)BartForConditionalGeneration.save_pretrained` (a Seq2Seq)."""
     hf_dir = pathlib.Path(hf_dir)
-    model = BertForPreTraining(BertConfig.from_config(read_config(hf_dir)))
+    model = model_for(read_config(hf_dir))
     params = params_from_hf(read_weights(hf_dir), model, source=str(hf_dir))
     return model, {"params": params}
 
@@ -261,8 +410,9 @@ def load(hf_dir: str | pathlib.Path) -> tuple[BertForPreTraining, dict]:
 # ------------------------------------------------------------------------------------------- save
 
 
-def save(model: BertForPreTraining, variables: dict, out_dir: str | pathlib.Path) -> pathlib.Path:
-    """Write config.json + model.safetensors that `transformers.BertForPreTraining.from_pretrained` loads.
+def save(model: BertForPreTraining | Seq2Seq, variables: dict, out_dir: str | pathlib.Path) -> pathlib.Path:
+    """Write config.json + model.safetensors that `transformers.BertForPreTraining.from_pretrained` loads
+    (for a Seq2Seq: `BartForConditionalGeneration`, or `MBartForConditionalGeneration` when pre-LN).
 
     `variables` is {'params': ...} or the parameter tree itself, boxed or plain.
     """

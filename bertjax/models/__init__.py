@@ -1,4 +1,5 @@
-"""BERT in Flax linen: the encoder, the pretraining heads, and their size and cost.
+"""BERT in Flax linen: the encoder, the pretraining heads, and their size and cost; and the
+encoder-decoder (`seq2seq`, BART-style) built from the same layers.
 
     cfg = models.BertConfig.from_config(config.model)
     model = models.BertForPreTraining(cfg)
@@ -7,10 +8,12 @@
 """
 
 from bertjax.models.cost import count_params, flops_per_token, pretraining_param_count
-from bertjax.models.encoder import BertConfig, Embeddings, Encoder, Layer, SelfAttention, encoder_layer_index
+from bertjax.models.encoder import Attention, BertConfig, Embeddings, Encoder, Layer, encoder_layer_index
 from bertjax.models.heads import BertForPreTraining, BertOutput, MaskedLMHead, Pooler, gather_positions
+from bertjax.models.seq2seq import Seq2Seq, Seq2SeqConfig, Seq2SeqOutput
 
 __all__ = [
+    "Attention",
     "BertConfig",
     "BertForPreTraining",
     "BertOutput",
@@ -19,7 +22,9 @@ __all__ = [
     "Layer",
     "MaskedLMHead",
     "Pooler",
-    "SelfAttention",
+    "Seq2Seq",
+    "Seq2SeqConfig",
+    "Seq2SeqOutput",
     "count_params",
     "encoder_layer_index",
     "flops_per_token",

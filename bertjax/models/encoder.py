@@ -104,9 +104,10 @@ def gelu(x: jax.Array) -> jax.Array:
     return jax.nn.gelu(x, approximate=False)
 
 
-def sinusoidal_positions(length: int, features: int) -> jax.Array:
-    """Vaswani et al.'s table: sin on even features, cos on odd ones; [length, features] float32."""
-    positions = jnp.arange(length, dtype=jnp.float32)[:, None]
+def sinusoidal_positions(length: int, features: int, start: int | jax.Array = 0) -> jax.Array:
+    """Vaswani et al.'s table for positions start..start+length-1 (`start` may be traced: a decode step):
+    sin on even features, cos on odd ones; [length, features] float32."""
+    positions = (start + jnp.arange(length, dtype=jnp.float32))[:, None]
     frequencies = jnp.exp(-math.log(10000.0) * jnp.arange(0, features, 2, dtype=jnp.float32) / features)
     angles = positions * frequencies[None, :]
     table = jnp.zeros((length, features), jnp.float32)
@@ -157,72 +158,133 @@ class Embeddings(nn.Module):
         return nn.with_logical_constraint(x, ACTIVATION_AXES)
 
 
-class SelfAttention(nn.Module):
-    """Multi-head self-attention over the non-padding keys, through jax.nn.dot_product_attention.
+class Attention(nn.Module):
+    """Multi-head attention through jax.nn.dot_product_attention.
+
+    Self-attention over `x`, or cross-attention when `key_value` (the encoder's output) is given;
+    `attention_mask` [B, K] marks the keys that are not padding. `causal` (a decoder's self-attention)
+    lets each query see only the keys at or before its own position.
 
     With attention dropout active (training, attention_dropout > 0) the XLA path computes
     softmax(QK^T/sqrt(d) + mask) itself, because jax.nn.dot_product_attention has no dropout. The cuDNN
     path ('cudnn') never drops attention probabilities (the fused kernel has no dropout) and takes
     sequence lengths instead of a mask, so it assumes right padding.
+
+    Incremental decoding (the Flax lm1b pattern, a 'cache' collection): `init_self_attention_cache` or
+    `init_cross_attention_cache` creates `cached_key`/`cached_value` [B, K, heads, head_dim]; a call with
+    `decode_index` (the target position of x's first row) then writes this step's keys and values there
+    (a causal self-attention) or reads the encoder's, projected once (a cross-attention: `key_value` is
+    not needed then).
     """
 
     cfg: BertConfig
+    causal: bool = False
 
-    @nn.compact
-    def __call__(self, x: jax.Array, attention_mask: jax.Array, deterministic: bool) -> jax.Array:
+    def setup(self):
+        self.query, self.key, self.value = self.projection(), self.projection(), self.projection()
+        self.output = nn.DenseGeneral(
+            self.cfg.hidden_size,
+            axis=(-2, -1),
+            dtype=self.cfg.compute_dtype,
+            kernel_init=normal_init(self.cfg, (HEADS, KV, EMBED)),
+            bias_init=zeros_init((EMBED,)),
+        )
+        self.dropout = nn.Dropout(self.cfg.attention_dropout)
+
+    @nn.nowrap
+    def projection(self) -> nn.DenseGeneral:
         cfg = self.cfg
+        return nn.DenseGeneral(
+            (cfg.num_heads, cfg.head_dim),
+            dtype=cfg.compute_dtype,
+            kernel_init=normal_init(cfg, (EMBED, HEADS, KV)),
+            bias_init=zeros_init((HEADS, KV)),
+        )
 
-        def projection(name: str) -> nn.DenseGeneral:
-            return nn.DenseGeneral(
-                (cfg.num_heads, cfg.head_dim),
-                dtype=cfg.compute_dtype,
-                kernel_init=normal_init(cfg, (EMBED, HEADS, KV)),
-                bias_init=zeros_init((HEADS, KV)),
-                name=name,
-            )
-
-        query, key, value = (projection(name)(x) for name in ("query", "key", "value"))  # [B, S, N, D]
-        dropout_active = not deterministic and cfg.attention_dropout > 0.0
-        if cfg.attention_implementation == "cudnn":
-            if cfg.compute_dtype != jnp.bfloat16:
+    def __call__(
+        self,
+        x: jax.Array,
+        attention_mask: jax.Array,
+        deterministic: bool,
+        key_value: jax.Array | None = None,
+        decode_index: jax.Array | None = None,
+    ) -> jax.Array:
+        query = self.query(x)  # [B, Q, N, D]
+        if decode_index is not None:
+            key, value, mask = self.cached_keys_values(x, attention_mask, decode_index)
+            return self.output(self.attend(query, key, value, mask, deterministic))
+        source = x if key_value is None else key_value
+        key, value = self.key(source), self.value(source)
+        mask = key_mask(attention_mask)
+        if self.causal:
+            mask = mask & causal_mask(x.shape[1], source.shape[1])
+        if self.cfg.attention_implementation == "cudnn":
+            if self.cfg.compute_dtype != jnp.bfloat16:
                 raise ValueError(
-                    f"model.attention_implementation='cudnn' needs model.dtype='bfloat16' (got {cfg.dtype!r}): "
+                    f"model.attention_implementation='cudnn' needs model.dtype='bfloat16' (got {self.cfg.dtype!r}): "
                     "cuDNN's fused attention has no float32 kernel"
                 )
             lengths = attention_mask.sum(axis=-1).astype(jnp.int32)
             context = jax.nn.dot_product_attention(
-                query, key, value, query_seq_lengths=lengths, key_value_seq_lengths=lengths, implementation="cudnn"
-            )
-        elif dropout_active:
-            context = self.attention_with_dropout(query, key, value, attention_mask)
-        else:
-            context = jax.nn.dot_product_attention(
                 query,
                 key,
                 value,
-                mask=key_mask(attention_mask),
-                implementation=ATTENTION_IMPLEMENTATIONS[cfg.attention_implementation],
+                is_causal=self.causal,
+                query_seq_lengths=lengths if key_value is None else None,
+                key_value_seq_lengths=lengths,
+                implementation="cudnn",
             )
-        return nn.DenseGeneral(
-            cfg.hidden_size,
-            axis=(-2, -1),
-            dtype=cfg.compute_dtype,
-            kernel_init=normal_init(cfg, (HEADS, KV, EMBED)),
-            bias_init=zeros_init((EMBED,)),
-            name="output",
-        )(context)
+        else:
+            context = self.attend(query, key, value, mask, deterministic)
+        return self.output(context)
 
-    def attention_with_dropout(self, query, key, value, attention_mask) -> jax.Array:
+    def attend(self, query, key, value, mask, deterministic: bool) -> jax.Array:
+        """softmax(QK^T/sqrt(d)) V over the keys `mask` [B or 1, 1, Q, K] allows (the XLA path)."""
+        if deterministic or self.cfg.attention_dropout == 0.0:
+            implementation = ATTENTION_IMPLEMENTATIONS[self.cfg.attention_implementation]
+            # cuDNN only serves whole sequences (lengths, no mask): single decode steps take the XLA path.
+            implementation = "xla" if implementation == "cudnn" else implementation
+            return jax.nn.dot_product_attention(query, key, value, mask=mask, implementation=implementation)
         scores = jnp.einsum("bqnd,bknd->bnqk", query, key).astype(jnp.float32) / math.sqrt(self.cfg.head_dim)
-        scores = jnp.where(key_mask(attention_mask), scores, jnp.finfo(jnp.float32).min)
-        probabilities = jax.nn.softmax(scores, axis=-1)
-        probabilities = nn.Dropout(self.cfg.attention_dropout)(probabilities, deterministic=False)
+        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+        probabilities = self.dropout(jax.nn.softmax(scores, axis=-1), deterministic=False)
         return jnp.einsum("bnqk,bknd->bqnd", probabilities.astype(value.dtype), value)
+
+    def cached_keys_values(self, x, attention_mask, decode_index):
+        """(keys, values, mask) of a decode step: the cache with this step written in (a causal self-attention),
+        or as `init_cross_attention_cache` left it (a cross-attention, which is never causal)."""
+        if not self.has_variable("cache", "cached_key"):
+            raise ValueError("decoding with decode=True needs the cache: build it with Seq2Seq.init_cache first")
+        key, value = self.get_variable("cache", "cached_key"), self.get_variable("cache", "cached_value")
+        if not self.causal:
+            return key, value, key_mask(attention_mask)
+        start = (0, decode_index, 0, 0)
+        key = jax.lax.dynamic_update_slice(key, self.key(x).astype(key.dtype), start)
+        value = jax.lax.dynamic_update_slice(value, self.value(x).astype(value.dtype), start)
+        self.put_variable("cache", "cached_key", key)
+        self.put_variable("cache", "cached_value", value)
+        query_positions = decode_index + jnp.arange(x.shape[1])
+        mask = jnp.arange(key.shape[1])[None, :] <= query_positions[:, None]  # [Q, K]: filled and not later
+        return key, value, mask[None, None]
+
+    def init_self_attention_cache(self, batch_size: int, max_length: int) -> None:
+        shape = (batch_size, max_length, self.cfg.num_heads, self.cfg.head_dim)
+        self.put_variable("cache", "cached_key", jnp.zeros(shape, self.cfg.compute_dtype))
+        self.put_variable("cache", "cached_value", jnp.zeros(shape, self.cfg.compute_dtype))
+
+    def init_cross_attention_cache(self, key_value: jax.Array) -> None:
+        self.put_variable("cache", "cached_key", self.key(key_value))
+        self.put_variable("cache", "cached_value", self.value(key_value))
 
 
 def key_mask(attention_mask: jax.Array) -> jax.Array:
     """[B, S] 1/0 padding mask -> [B, 1, 1, S] boolean: every query may attend to the non-padding keys."""
     return attention_mask.astype(bool)[:, None, None, :]
+
+
+def causal_mask(query_length: int, key_length: int) -> jax.Array:
+    """[1, 1, Q, K] boolean: query i sees keys 0..i."""
+    return jnp.tril(jnp.ones((query_length, key_length), bool))[None, None]
 
 
 class FeedForward(nn.Module):
@@ -235,8 +297,17 @@ class FeedForward(nn.Module):
         return dense(cfg, cfg.hidden_size, (MLP, EMBED), name="output")(x)
 
 
+def residual(cfg: BertConfig, x: jax.Array, sublayer: Callable, norm: nn.LayerNorm, dropout: nn.Dropout) -> jax.Array:
+    """One residual sublayer: LayerNorm after the residual sum ('post', BERT) or before the sublayer ('pre')."""
+    if cfg.layer_norm == "post":
+        x = norm(x + dropout(sublayer(x)))
+    else:
+        x = x + dropout(sublayer(norm(x)))
+    return nn.with_logical_constraint(x, ACTIVATION_AXES)
+
+
 class Layer(nn.Module):
-    """One Transformer layer; LayerNorm after each residual sum ('post', BERT) or before each sublayer ('pre')."""
+    """One Transformer layer: self-attention, then the feed-forward block, each a `residual` sublayer."""
 
     cfg: BertConfig
 
@@ -244,17 +315,9 @@ class Layer(nn.Module):
     def __call__(self, x: jax.Array, attention_mask: jax.Array, deterministic: bool) -> jax.Array:
         cfg = self.cfg
         dropout = nn.Dropout(cfg.hidden_dropout, deterministic=deterministic)
-
-        def residual(x, sublayer, norm):
-            if cfg.layer_norm == "post":
-                x = norm(x + dropout(sublayer(x)))
-            else:
-                x = x + dropout(sublayer(norm(x)))
-            return nn.with_logical_constraint(x, ACTIVATION_AXES)
-
-        attention = SelfAttention(cfg, name="attention")
-        x = residual(x, lambda h: attention(h, attention_mask, deterministic), layer_norm(cfg, name="attention_layer_norm"))
-        return residual(x, FeedForward(cfg, name="mlp"), layer_norm(cfg, name="mlp_layer_norm"))
+        attention = Attention(cfg, name="attention")
+        x = residual(cfg, x, lambda h: attention(h, attention_mask, deterministic), layer_norm(cfg, name="attention_layer_norm"), dropout)
+        return residual(cfg, x, FeedForward(cfg, name="mlp"), layer_norm(cfg, name="mlp_layer_norm"), dropout)
 
 
 class Encoder(nn.Module):
