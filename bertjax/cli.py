@@ -4,7 +4,7 @@
   bertjax finetune   --config configs/finetune.py:sst2 --workdir runs/sst2 [--config.init_from=runs/x]
   bertjax predict    --workdir runs/sst2 [--input FILE]       (text on stdin without --input)
   bertjax generate   --workdir RUN [--num-beams 4]             (seq2seq or HF BART: lines on stdin -> stdout)
-  bertjax data       stats|show --config configs/pretrain.py:tiny [--batches N | --examples N]
+  bertjax data       stats|show|prepare --config configs/pretrain.py:tiny [--batches N | --examples N | --shard I/N]
   bertjax tokenizer  train --input FILE... --vocab-size N --out DIR [--model-type unigram|bpe|wordpiece]
   bertjax convert    --from DIR --to DIR                       (HuggingFace <-> bertjax, by what DIR holds)
   bertjax sweep      --config configs/ablations/FILE.py --workdir runs/s [--print-commands]
@@ -240,24 +240,26 @@ def _text_lines(lines, name: str):
         yield text.rstrip("\r\n")
 
 
-DATA_DOC = """bertjax data stats|show: inspect the pretraining batches a config produces, before training.
+DATA_DOC = """bertjax data stats|show|prepare: inspect the pretraining batches a config produces, or prepare them, before training.
 
   bertjax data stats --config configs/pretrain.py:tiny --batches 50    # one JSON line of statistics
-  bertjax data show  --config configs/pretrain.py:tiny --examples 3    # decoded examples, masks marked"""
+  bertjax data show  --config configs/pretrain.py:tiny --examples 3    # decoded examples, masks marked
+  bertjax data prepare --config configs/pretrain.py:tiny [--shard I/N] # tokenize and store (I/N: every N-th file from the I-th)"""
 
 
 def data(argv):
     if argv[:1] in ([], ["-h"], ["--help"]):
         print(DATA_DOC)
         return
-    if argv[0] not in ("stats", "show"):
-        raise UsageError(f"choose 'stats' or 'show', not {argv[0]!r} (see bertjax data --help)")
+    if argv[0] not in ("stats", "show", "prepare"):
+        raise UsageError(f"choose 'stats', 'show' or 'prepare', not {argv[0]!r} (see bertjax data --help)")
     action, rest = argv[0], argv[1:]
 
     def define(flag_values):
         flags.DEFINE_integer("batches", 20, "stats: how many batches to read.", flag_values=flag_values)
         flags.DEFINE_integer("examples", 3, "show: how many examples to print.", flag_values=flag_values)
         flags.DEFINE_string("split", "train", "train or eval.", flag_values=flag_values)
+        flags.DEFINE_string("shard", "", "prepare: I/N prepares only every N-th file from the I-th (one of N hosts).", flag_values=flag_values)
 
     config, flag_values, _, _ = _parse_config_flags(f"data {action}", rest, config_lib.DEFAULT_PRETRAIN_CONFIG, define, DATA_DOC)
     from bertjax.data import inspect as inspect_lib
@@ -266,6 +268,12 @@ def data(argv):
         import json
 
         print(json.dumps(inspect_lib.stats(config, flag_values.split, flag_values.batches)))
+    elif action == "prepare":
+        import json
+
+        from bertjax.data import loader
+
+        print(json.dumps(loader.prepare(config, loader.parse_shard(flag_values.shard))))
     else:
         print(inspect_lib.show(config, flag_values.split, flag_values.examples))
 

@@ -228,10 +228,11 @@ def read_text(path) -> str:
     return "".join(_text_blocks(path))
 
 
-def _chunks(blocks: Iterable[str], size: int = CHUNK_CHARS) -> Iterator[tuple[str, bool]]:
+def _chunks(blocks: Iterable[str], size: int | None = None) -> Iterator[tuple[str, bool]]:
     """(text, whether it starts in the middle of a line): the text in pieces of at most about `size`
-    characters, each cut after a blank line (a paragraph's end) where its second half has one, else
-    after a line end, else at a space."""
+    (CHUNK_CHARS) characters, each cut after a blank line (a paragraph's end) where its second half
+    has one, else after a line end, else at a space."""
+    size = size or CHUNK_CHARS
     buffer, continues = "", False
     for block in blocks:
         buffer += block

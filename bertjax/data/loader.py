@@ -25,6 +25,7 @@ import numpy as np
 
 from bertjax.data import corpus, masking, pretraining
 from bertjax.data import tokenizer as tokenizer_lib
+from bertjax.errors import UserError
 
 SPLITS = ("train", "eval")
 # Instance tables of the eval split use a fixed seed, so evaluation data is the same for every data seed.
@@ -125,6 +126,35 @@ def prepared(config):
     # Masking and prefetching do not change the instances: leave them out of the cache key.
     data = {key: value for key, value in config.data.to_dict().items() if key not in ("masking", "prefetch", "num_workers")}
     return _prepared(json.dumps(data, sort_keys=True), vocab_size)
+
+
+def parse_shard(spec: str) -> tuple[int, int] | None:
+    """'I/N' (0 <= I < N) as (I, N); '' as None."""
+    if not spec:
+        return None
+    index, _, count = spec.partition("/")
+    if not (index.isdigit() and count.isdigit() and int(index) < int(count)):
+        raise UserError(f"--shard {spec!r}: give I/N with 0 <= I < N (this preparer's number and how many there are)")
+    return int(index), int(count)
+
+
+def prepare(config, shard: tuple[int, int] | None = None) -> dict:
+    """`bertjax data prepare`: tokenize and store the corpus, and build the instance tables of `config`.
+
+    With `shard` (i, n) only every n-th file from the i-th is prepared (nothing else), so that n hosts
+    or processes share the work; a run without a shard afterwards finds every file prepared and only
+    decides the splits and builds the instance tables. Returns a summary (one JSON line in the CLI).
+    """
+    if shard is not None:
+        tokenizer = tokenizer_lib.for_config(config)
+        corpus.prepare(config, tokenizer, shard)
+        return dict(shard=f"{shard[0]}/{shard[1]}", corpus=config.data.corpus)
+    tokenizer, documents, instances = prepared(config)
+    summary = dict(corpus=config.data.corpus, tokenizer=tokenizer.path)
+    for split in SPLITS:
+        summary[f"{split}_documents"] = documents[split].num_documents
+        summary[f"{split}_instances"] = len(instances[split]) if split in instances else 0
+    return summary
 
 
 def batches(config, split: str = "train", process_index: int | None = None, process_count: int | None = None):
