@@ -289,3 +289,25 @@ def test_generate_on_an_encoder_only_model_names_the_problem(tmp_path, capsys):
         assert cli.main(["generate", "--workdir", str(source)]) == 1
         error = capsys.readouterr().err.strip()
         assert error.startswith(f"bertjax generate: --workdir {source}: {kind}") and "BART" in error and "\n" not in error
+
+
+def test_a_bart_tokenizer_json_frames_and_decodes_the_text(tmp_path):
+    """A HuggingFace BART directory's byte-level BPE tokenizer.json (no BERT special tokens): its own
+    post-processor frames the source <s> ... </s>, an overlong one keeps </s>, and generated ids decode
+    to the text up to EOS without the special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    from bertjax.models.seq2seq import Seq2SeqConfig
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    tok.train_from_iterator([WORDS] * 10, trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"]))
+    tok.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0))
+    tok.save(str(tmp_path / "tokenizer.json"))
+    cfg = Seq2SeqConfig(vocab_size=320, hidden_size=8, num_layers=1, num_heads=1, intermediate_size=8, **BART_IDS)
+
+    text = generate._Text(tmp_path, cfg)
+    (row, long_row), cut = text.encode(["the cat sat", " ".join(WORDS.split() * 3)], max_length=16)
+    assert row[0] == 0 and row[-1] == 2 and cut == 1 and len(long_row) == 16 and long_row[-1] == 2
+    generated = [BART_IDS["decoder_start_token_id"], *row[1:-1], 2, 1, 1]
+    assert text.decode(generated) == "the cat sat"
