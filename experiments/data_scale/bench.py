@@ -25,7 +25,8 @@ What is measured:
     `bertjax.data.inspect.stats`, less the batches it times itself), read by a launcher that calls
     `bertjax.cli.main` with the same arguments and puts a clock around that one function: the
     interpreter's and libraries' start-up, the same for every size, is left out (the command's whole
-    wall time and CPU seconds are in the JSON rows too);
+    wall time is in the JSON rows); beside it, the CPU seconds of that same span (the process and the
+    workers it waited for), which a machine shared with other work disturbs far less than the clock;
   - peak RSS: the child's `ru_maxrss` (from `os.wait4`, it covers its waited-for descendants), or the
     sum of the proportional set sizes (Pss) of the child's process tree sampled every 0.25 s, whichever
     is larger: with worker processes the machine holds their sum, which `ru_maxrss` (a maximum over
@@ -39,6 +40,11 @@ written one sentence a line with a blank line between documents (BERT's format);
 the documents in the order of a permutation seeded with r, until the size (MB = 10^6 bytes) is reached.
 The 8k unigram sentencepiece model is trained once on the same four files with the baseline's
 `bertjax tokenizer train`. Text, model and baseline tree are kept in --scratch and reused.
+
+It prints a JSON row per size and version, then markdown: a table per version, the ratios new /
+baseline, least-squares lines through the sizes extrapolated to 20 GB of text (bytes of RSS per token,
+seconds per MB) and issue 12's bars with PASS/FAIL. `--with RESULTS.json` adds an earlier run's rows
+(the big sizes take minutes each: measure them once per version and join them).
 """
 
 from __future__ import annotations
@@ -431,32 +437,31 @@ def _fit(xs: list[float], ys: list[float]) -> tuple[float, float]:
 
 
 def extrapolation(rows: list[dict]) -> str:
-    """Lines through the measured sizes, evaluated at 20 GB of text."""
+    """Lines through the measured sizes (RSS against tokens, seconds against MB), evaluated at 20 GB of text."""
     lines = [
-        f"**Extrapolated to {TARGET_GB} GB of text** (least-squares lines through the sizes above)",
+        f"**Extrapolated to {TARGET_GB} GB of text** (least-squares lines through the sizes above; seconds as wall clock, CPU in brackets)",
         "",
-        f"| code | tokens at {TARGET_GB} GB | RSS bytes/token cold | RSS bytes/token warm | cold s/MB | warm s/MB | cold peak RSS | warm peak RSS | cold preparation | warm start |",
+        f"| code | tokens at {TARGET_GB} GB | RSS bytes/token, cold | warm | cold peak RSS | warm peak RSS | cold s/MB | warm s/MB | cold preparation | warm start |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for version in ("baseline", "new"):
         mine = [r for r in rows if r["version"] == version]
+        if not mine:
+            continue
         if len({r["megabytes"] for r in mine}) < 2:
             lines.append(f"| {version} | (a line needs two sizes or more) |" + " |" * 8)
             continue
-        tokens_per_byte = sum(r["tokens"] for r in mine) / sum(r["text_bytes"] for r in mine)
-        tokens = TARGET_GB * 1e9 * tokens_per_byte
-        out = []
-        for key in ("cold_peak_rss", "warm_peak_rss"):
-            intercept, slope = _fit([r["tokens"] for r in mine], [r[key] for r in mine])
-            out.append((slope, intercept + slope * tokens))
-        times = []
-        for key in ("cold_seconds", "warm_seconds"):
-            intercept, slope = _fit([r["megabytes"] for r in mine], [r[key] for r in mine])
-            times.append((slope, intercept + slope * TARGET_GB * 1000))
-        lines.append(
-            f"| {version} | {tokens / 1e9:.1f} B | {out[0][0]:.1f} | {out[1][0]:.1f} | {times[0][0]:.3f} | {times[1][0]:.3f} | "
-            f"{out[0][1] / GIB:.1f} GiB | {out[1][1] / GIB:.1f} GiB | {times[0][1] / 60:.0f} min | {times[1][1] / 60:.1f} min |"
-        )
+        tokens = TARGET_GB * 1e9 * sum(r["tokens"] for r in mine) / sum(r["text_bytes"] for r in mine)
+        cells = [f"{tokens / 1e9:.1f} B"]
+        memory = [_fit([r["tokens"] for r in mine], [r[f"{phase}_peak_rss"] for r in mine]) for phase in ("cold", "warm")]
+        cells += [f"{slope:.1f}" for _, slope in memory] + [f"{(a + b * tokens) / GIB:.1f} GiB" for a, b in memory]
+        per_mb, totals = [], []
+        for phase in ("cold", "warm"):
+            wall, cpu = (_fit([r["megabytes"] for r in mine], [r[f"{phase}{kind}_seconds"] for r in mine]) for kind in ("", "_cpu"))
+            per_mb.append(f"{wall[1]:.3f} ({cpu[1]:.3f})")
+            wall_minutes, cpu_minutes = ((a + b * TARGET_GB * 1000) / 60 for a, b in (wall, cpu))
+            totals.append(f"{wall_minutes:.1f} min ({cpu_minutes:.1f} min)")
+        lines.append(f"| {version} | " + " | ".join(cells + per_mb + totals) + " |")
     lines.append("")
     return "\n".join(lines)
 
@@ -509,7 +514,7 @@ def bars(rows: list[dict]) -> str:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", default="5,20,80", help=f"MB of text, comma-separated, from {SIZES_MB} (any number works)")
+    parser.add_argument("--sizes", default="5,20,80", help=f"MB of text, comma-separated, from {SIZES_MB} (any number works); '' measures nothing (a report of --with files)")
     parser.add_argument("--quick", action="store_true", help="5 MB only: a check that the script runs (about 2 minutes)")
     parser.add_argument("--versions", default="baseline,new", help="baseline,new (default) or one of them")
     parser.add_argument("--new", default="HEAD", help="the commit measured as the new code")
@@ -527,7 +532,7 @@ def main(argv=None):
     )
     parser.add_argument("--json", default="", help="also write the rows here (default: SCRATCH/results/TIME.json)")
     args = parser.parse_args(argv)
-    sizes = [5.0] if args.quick else [float(s) for s in args.sizes.split(",")]
+    sizes = [5.0] if args.quick else [float(s) for s in args.sizes.split(",") if s]
     names = [v.strip() for v in args.versions.split(",")]
     scratch = pathlib.Path(args.scratch).resolve()
     scratch.mkdir(parents=True, exist_ok=True)
