@@ -31,12 +31,12 @@ no text, a binary file named explicitly (binary files a directory or glob matche
 counted). Text that is not UTF-8 is read as Windows-1252/Latin-1 when it has no UTF-8 beyond ASCII,
 else decoded with replacement; either way it is logged with counts.
 
-`prepare(config, tokenizer)` tokenizes every document once and stores it (token ids and sentence
-lengths) as a TFDS data set under `cache_root(config)/corpora/KEY`, KEY hashing the corpus files
-(names, sizes, modification times), the format, the eval split and the tokenizer file; a second run
-reads the stored set (and says so). Evaluation documents are `data.eval_corpus`, or the
-`data.eval_fraction` of the documents whose text hashes lowest (a choice that does not depend on
-the order or number of files).
+`prepare(config, tokenizer)` tokenizes every document once and stores it, a unit per text file (see
+"Preparation" below: streamed a chunk at a time, tokenized in worker processes, shared between corpora
+and preparers), and returns the 'train' and 'eval' splits as TokenizedDocuments whose tokens are read
+from disk on demand (TokenStore). Evaluation documents are `data.eval_corpus`, or the
+`data.eval_fraction` of the documents whose text hashes lowest (a choice that does not depend on the
+order or number of files, nor on how a file was cut into chunks).
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ from bertjax.errors import UserError
 
 FORMATS = ("auto", "sentences", "documents", "paragraphs", "wikitext")
 PYTHON_DOCS = "python-docs"
-PREPARED_VERSION = "1.1.0"
+PREPARED_VERSION = "2.0.0"
 # Bumped when reading a file gives other documents or sentences; part of every cache key (tokenizer, tokens).
 PARSE_VERSION = 2
 # Longest paragraph given to the sentence splitter in one piece, and longest sentence kept whole (in
@@ -1155,7 +1155,7 @@ def _units(corpus: "Corpus", root: pathlib.Path, tokenizer_digest: str) -> tuple
     the checks; an explicitly named binary file is refused here, before any work."""
     root = root / "corpora" / "units"
     if corpus.spec.startswith("tfds:") or corpus.spec == PYTHON_DOCS:
-        key = _key([PREPARED_VERSION, corpus.fingerprint(), tokenizer_digest])
+        key = cache_key([PREPARED_VERSION, corpus.fingerprint(), tokenizer_digest])
         return [_Unit(key, root / key, corpus.description, corpus=corpus, size=sum(f.stat().st_size for f in corpus.files()))], []
     units, patterns = [], []
     for pattern, files, explicit in corpus._patterns():
@@ -1166,13 +1166,14 @@ def _units(corpus: "Corpus", root: pathlib.Path, tokenizer_digest: str) -> tuple
             if path in binary:
                 continue
             stat = path.stat()
-            key = _key([PREPARED_VERSION, PARSE_VERSION, str(path.resolve()), stat.st_size, stat.st_mtime_ns, corpus.corpus_format, tokenizer_digest])
+            key = cache_key([PREPARED_VERSION, PARSE_VERSION, str(path.resolve()), stat.st_size, stat.st_mtime_ns, corpus.corpus_format, tokenizer_digest])
             units.append(_Unit(key, root / key, str(path), path=path, size=stat.st_size))
         patterns.append((pattern, files, binary))
     return units, patterns
 
 
-def _key(parts: list) -> str:
+def cache_key(parts: list) -> str:
+    """A short hash of JSON-able parts: the name of a cached directory."""
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:16]
 
 
@@ -1254,7 +1255,7 @@ def prepare(config, tokenizer, shard: tuple[int, int] | None = None) -> dict[str
     if shard is not None:
         return None
     fraction = 0.0 if eval_corpus else config.data.eval_fraction
-    key = _key([[unit.key for unit in train_units], [unit.key for unit in eval_units], fraction])
+    key = cache_key([[unit.key for unit in train_units], [unit.key for unit in eval_units], fraction])
     train, hashes = _documents_of(train_units)
     evaluation = _documents_of(eval_units)[0] if eval_corpus else None
     directory = root / "corpora" / "sets" / key

@@ -13,11 +13,13 @@ same shape; finite and identical on every call.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
 import logging
 import pathlib
+import shutil
 import tempfile
 
 import grain
@@ -31,7 +33,7 @@ SPLITS = ("train", "eval")
 # Instance tables of the eval split use a fixed seed, so evaluation data is the same for every data seed.
 EVAL_INSTANCE_SEED = masking.EVAL_SEED
 # Part of the key of stored instance tables: bumped when create_instances gives other instances.
-INSTANCE_TABLE_VERSION = 1
+INSTANCE_TABLE_VERSION = 2
 
 log = logging.getLogger(__name__)
 
@@ -98,26 +100,36 @@ def _prepared(data_json: str, vocab_size: int | None):
 
 
 def instance_table(documents, root, max_seq_length: int, short_seq_prob: float, objective: str, seed: int, name: str):
-    """`pretraining.create_instances` of a prepared split, computed once and stored beside the prepared
-    data (keyed by the split and the arguments); later starts map it from disk (np.load, mmap_mode='r')."""
-    key = corpus._key([documents.key, max_seq_length, short_seq_prob, objective, seed, INSTANCE_TABLE_VERSION])
+    """`pretraining.create_instances` of a prepared split, computed once (a block at a time, written as
+    it comes) and stored beside the prepared data, keyed by the split and the arguments; every start
+    maps it from disk, so a process holds only the pages of it that its batches touch."""
+    key = corpus.cache_key([documents.key, max_seq_length, short_seq_prob, objective, seed, INSTANCE_TABLE_VERSION])
     directory = pathlib.Path(root) / "corpora" / "instances" / key
+    fields = [field.name for field in dataclasses.fields(pretraining.Instances) if field.name != "objective"]
     if not (directory / "done").exists():
-        table, report = pretraining.create_instances(documents, max_seq_length, short_seq_prob, objective, seed, name)
         directory.parent.mkdir(parents=True, exist_ok=True)
         scratch = pathlib.Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{key}-"))
-        for field in dataclasses.fields(table):
-            if field.name != "objective":
-                np.save(scratch / f"{field.name}.npy", getattr(table, field.name))
-        (scratch / "report.json").write_text(json.dumps(report))
-        (scratch / "done").write_text("")
-        corpus.publish(scratch, directory)
-    arrays = {
-        field.name: np.load(directory / f"{field.name}.npy", mmap_mode="r")
-        for field in dataclasses.fields(pretraining.Instances)
-        if field.name != "objective"
-    }
-    return pretraining.Instances(objective=objective, **arrays), json.loads((directory / "report.json").read_text())
+        try:
+            report: dict = {}
+            files = {name: open(scratch / f"{name}.bin", "wb") for name in fields}
+            dtypes = {}
+            with contextlib.ExitStack() as stack:
+                for file in files.values():
+                    stack.enter_context(file)
+                for block in pretraining.instance_blocks(documents, max_seq_length, short_seq_prob, objective, seed, name, report):
+                    for field in fields:
+                        values = getattr(block, field)
+                        dtypes[field] = values.dtype.str
+                        files[field].write(values.tobytes())
+            (scratch / "report.json").write_text(json.dumps(dict(report, dtypes=dtypes)))
+            (scratch / "done").write_text("")
+            corpus.publish(scratch, directory)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+    report = json.loads((directory / "report.json").read_text())
+    dtypes = report.pop("dtypes")
+    arrays = {name: np.memmap(directory / f"{name}.bin", dtype=dtypes[name], mode="r") for name in fields}
+    return pretraining.Instances(objective=objective, **arrays), report
 
 
 def prepared(config):

@@ -17,8 +17,10 @@ few vectorised gathers (`assemble`).
 
 from __future__ import annotations
 
+import array
 import bisect
 import dataclasses
+from typing import Iterator
 
 import numpy as np
 
@@ -91,21 +93,35 @@ def create_instances(
     Documents too few or too short for the objective are a CorpusError naming `name` (e.g. "the eval
     split of corpus 'x.txt'"); bertjax.data.corpus.pseudo_documents makes this rare for real text.
     """
+    report: dict = {}
+    blocks = list(instance_blocks(documents, max_seq_length, short_seq_prob, objective, seed, name, report))
+    arrays = {field.name: np.concatenate([getattr(block, field.name) for block in blocks]) for field in dataclasses.fields(Instances) if field.name != "objective"}
+    return Instances(objective=objective, **arrays), report
+
+
+def instance_blocks(
+    documents: TokenizedDocuments, max_seq_length: int, short_seq_prob: float, objective: str, seed: int, name: str, report: dict
+) -> Iterator[Instances]:
+    """`create_instances` a block of documents at a time (so that a caller can store a large table
+    without holding it); `report` is filled in after the last block."""
     if objective not in OBJECTIVES:
         raise ValueError(f"config.data.sentence_objective={objective!r}: choose one of {OBJECTIVES}")
     max_tokens = max_seq_length - num_special_tokens(objective)
     if max_tokens < 2:
         raise ValueError(f"config.data.max_seq_length={max_seq_length} leaves no room for two segments")
-    sentence_offsets, document_offsets, long_sentences = _split_long_sentences(documents, max_tokens)
     ids = documents.ids
     num_documents = len(ids)
+    if objective == "nsp" and num_documents < 2:
+        raise CorpusError(
+            f"objective 'nsp' needs at least two documents (its random segments come from another document) "
+            f"but {name} has {num_documents}: give a larger data.eval_fraction, a data.eval_corpus, a corpus with more "
+            "documents, or data.sentence_objective=sop"
+        )
+    sentence_offsets, document_offsets, long_sentences = _split_long_sentences(documents, max_tokens)
     paired = objective != "none"
     rng = np.random.default_rng([seed, 0x1A57])
     draw = _Draws(rng)
-    rows: list[tuple[int, int, int, int, int, int, int]] = []
-    randoms: list[tuple[int, int, float]] = []  # NSP's random B segments: (row, tokens wanted, draw)
-    single_sentence_documents = 0
-    leftover_sentences = 0
+    counts = dict(instances=0, label_1=0, single=0, leftover=0)
     minimum_sentences = 2 if paired else 1
 
     def target_length() -> int:
@@ -115,13 +131,15 @@ def create_instances(
     # at the first sentence that fills the target (a bisection), with at least two sentences for a
     # pair where the document has them. NSP's random segments come from anywhere and read the array.
     for block in range(0, num_documents, _BLOCK_DOCUMENTS):
+        rows = array.array("q")  # a_start, a_length, b_start, b_length, label, a_document, b_document
+        randoms: list[tuple[int, int, float]] = []  # NSP's random B segments: (row, tokens wanted, draw)
         block_ids = ids[block : block + _BLOCK_DOCUMENTS]
         base = int(document_offsets[block_ids[0]])
         offsets = sentence_offsets[base : int(document_offsets[block_ids[-1] + 1]) + 1].tolist()
         for position, document in enumerate(block_ids.tolist(), start=block):
             first, end = int(document_offsets[document]) - base, int(document_offsets[document + 1]) - base
             if paired and end - first < 2:
-                single_sentence_documents += 1
+                counts["single"] += 1
                 continue
             chunk_start = first
             while chunk_start < end:
@@ -131,67 +149,64 @@ def create_instances(
                 next_start = chunk_end
                 if not paired:
                     a_start, a_length = offsets[chunk_start], offsets[chunk_end] - offsets[chunk_start]
-                    rows.append((a_start, a_length, a_start, 0, 0, document, document))
+                    rows.extend((a_start, a_length, a_start, 0, 0, document, document))
                 elif chunk_end - chunk_start < 2:
-                    leftover_sentences += 1
+                    counts["leftover"] += 1
                 else:
                     a_end = draw.integers(chunk_start + 1, chunk_end)
                     a_start, a_length = offsets[chunk_start], offsets[a_end] - offsets[chunk_start]
                     if objective == "nsp" and num_documents > 1 and draw.random() < 0.5:
                         # B: from a random sentence of another document, as many sentences as fill the
-                        # target (at least one); located after the loop, all at once.
+                        # target (at least one); located after the block, all at once.
                         other = draw.integers(0, num_documents - 1)
-                        randoms.append((len(rows), target - a_length, draw.random()))
-                        rows.append((a_start, a_length, 0, 0, 1, document, other + (other >= position)))
+                        randoms.append((len(rows) // 7, target - a_length, draw.random()))
+                        rows.extend((a_start, a_length, 0, 0, 1, document, other + (other >= position)))
                         next_start = a_end  # the real continuation was not used: it starts the next chunk
                     else:
                         b_start, b_length = offsets[a_end], offsets[chunk_end] - offsets[a_end]
                         if objective == "sop" and draw.random() < 0.5:
-                            rows.append((b_start, b_length, a_start, a_length, 1, document, document))
+                            rows.extend((b_start, b_length, a_start, a_length, 1, document, document))
                         else:
-                            rows.append((a_start, a_length, b_start, b_length, 0, document, document))
+                            rows.extend((a_start, a_length, b_start, b_length, 0, document, document))
                 chunk_start = next_start
-    if objective == "nsp" and num_documents < 2:
-        raise CorpusError(
-            f"objective 'nsp' needs at least two documents (its random segments come from another document) "
-            f"but {name} has {num_documents}: give a larger data.eval_fraction, a data.eval_corpus, a corpus with more "
-            "documents, or data.sentence_objective=sop"
+        if not rows:
+            continue
+        table = np.frombuffer(rows, np.int64).reshape(-1, 7).copy()
+        if randoms:
+            row, need, u = (np.array(column) for column in zip(*randoms))
+            other = ids[table[row, 6]]
+            other_first, other_end = document_offsets[other], document_offsets[other + 1]
+            b_first = other_first + (u * (other_end - other_first)).astype(np.int64)
+            b_start = sentence_offsets[b_first]
+            b_last = np.clip(np.searchsorted(sentence_offsets, b_start + need), b_first + 1, other_end)
+            table[row, 2], table[row, 3], table[row, 6] = b_start, sentence_offsets[b_last] - b_start, other
+        a_start, a_length, b_start, b_length = _truncate(table[:, 0], table[:, 1], table[:, 2], table[:, 3], max_tokens, rng)
+        counts["instances"] += len(table)
+        counts["label_1"] += int(table[:, 4].sum())
+        yield Instances(
+            objective=objective,
+            a_start=a_start,
+            a_length=a_length.astype(np.int32),
+            b_start=b_start,
+            b_length=b_length.astype(np.int32),
+            label=table[:, 4].astype(np.int32),
+            a_document=table[:, 5].astype(np.int32),
+            b_document=table[:, 6].astype(np.int32),
         )
-    if not rows:
+    if not counts["instances"]:
         raise CorpusError(
-            f"no pretraining instance in {name}: {num_documents} documents, {single_sentence_documents} of them with a single "
+            f"no pretraining instance in {name}: {num_documents} documents, {counts['single']} of them with a single "
             f"sentence (objective {objective!r} needs two sentences in a document; 'none' does not)"
         )
-    table = np.array(rows, np.int64)
-    if randoms:
-        row, need, u = (np.array(column) for column in zip(*randoms))
-        other = ids[table[row, 6]]
-        other_first, other_end = document_offsets[other], document_offsets[other + 1]
-        b_first = other_first + (u * (other_end - other_first)).astype(np.int64)
-        b_start = sentence_offsets[b_first]
-        b_last = np.clip(np.searchsorted(sentence_offsets, b_start + need), b_first + 1, other_end)
-        table[row, 2], table[row, 3], table[row, 6] = b_start, sentence_offsets[b_last] - b_start, other
-    a_start, a_length, b_start, b_length = _truncate(table[:, 0], table[:, 1], table[:, 2], table[:, 3], max_tokens, rng)
-    instances = Instances(
-        objective=objective,
-        a_start=a_start,
-        a_length=a_length.astype(np.int32),
-        b_start=b_start,
-        b_length=b_length.astype(np.int32),
-        label=table[:, 4].astype(np.int32),
-        a_document=table[:, 5].astype(np.int32),
-        b_document=table[:, 6].astype(np.int32),
-    )
-    report = dict(
-        instances=len(instances),
+    report.update(
+        instances=counts["instances"],
         documents=num_documents,
         sentences=int(document_offsets[ids + 1].sum() - document_offsets[ids].sum()),
         long_sentences_split=long_sentences,
-        single_sentence_documents_unused=single_sentence_documents if paired else 0,
-        trailing_single_sentences_unused=leftover_sentences,
-        label_1_fraction=float(instances.label.mean()) if paired else None,
+        single_sentence_documents_unused=counts["single"] if paired else 0,
+        trailing_single_sentences_unused=counts["leftover"],
+        label_1_fraction=counts["label_1"] / counts["instances"] if paired else None,
     )
-    return instances, report
 
 
 def _truncate(a_start, a_length, b_start, b_length, max_tokens: int, rng):
