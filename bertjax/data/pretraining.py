@@ -70,19 +70,17 @@ def num_special_tokens(objective: str) -> int:
     return 2 if objective == "none" else 3
 
 
-def _split_long_sentences(documents: TokenizedDocuments, max_tokens: int) -> tuple[np.ndarray, np.ndarray, int]:
-    """Sentence offsets and document offsets after cutting sentences longer than `max_tokens` into pieces."""
-    lengths = documents.sentence_lengths
-    pieces = np.maximum(1, -(-lengths // max_tokens))
+def _block_offsets(documents: TokenizedDocuments, begin: int, end: int, max_tokens: int) -> tuple[list[int], np.ndarray, int]:
+    """Token offsets of sentences begin..end-1 with those longer than `max_tokens` cut into pieces (as
+    Python ints, for the loop), where each sentence's first piece is, and how many were cut."""
+    offsets = documents.sentence_offsets[begin : end + 1]
+    pieces = np.maximum(1, -(-np.diff(offsets) // max_tokens))
+    first_piece = np.concatenate([[0], np.cumsum(pieces)])
     long_count = int((pieces > 1).sum())
-    if long_count == 0:
-        return documents.sentence_offsets, documents.document_offsets, 0
-    starts = np.repeat(documents.sentence_offsets[:-1], pieces) + max_tokens * (
-        np.arange(pieces.sum()) - np.repeat(np.cumsum(pieces) - pieces, pieces)
-    )
-    sentence_offsets = np.concatenate([starts, documents.sentence_offsets[-1:]])
-    piece_offsets = np.concatenate([[0], np.cumsum(pieces)])
-    return sentence_offsets, piece_offsets[documents.document_offsets], long_count
+    if long_count:
+        starts = np.repeat(offsets[:-1], pieces) + max_tokens * (np.arange(first_piece[-1]) - np.repeat(first_piece[:-1], pieces))
+        offsets = np.concatenate([starts, offsets[-1:]])
+    return offsets.tolist(), first_piece, long_count
 
 
 def create_instances(
@@ -117,7 +115,8 @@ def instance_blocks(
             f"but {name} has {num_documents}: give a larger data.eval_fraction, a data.eval_corpus, a corpus with more "
             "documents, or data.sentence_objective=sop"
         )
-    sentence_offsets, document_offsets, long_sentences = _split_long_sentences(documents, max_tokens)
+    sentence_offsets, document_offsets = documents.sentence_offsets, documents.document_offsets
+    long_sentences = 0
     paired = objective != "none"
     rng = np.random.default_rng([seed, 0x1A57])
     draw = _Draws(rng)
@@ -127,17 +126,19 @@ def instance_blocks(
     def target_length() -> int:
         return draw.integers(2, max_tokens + 1) if draw.random() < short_seq_prob else max_tokens
 
-    # Documents are walked a block at a time with their sentence offsets as Python ints; a chunk ends
-    # at the first sentence that fills the target (a bisection), with at least two sentences for a
-    # pair where the document has them. NSP's random segments come from anywhere and read the array.
+    # Documents are walked a block at a time with their sentence offsets as Python ints (sentences
+    # longer than a segment cut into pieces); a chunk ends at the first sentence that fills the target
+    # (a bisection), with at least two sentences for a pair where the document has them. NSP's random
+    # segments come from anywhere: they are located in the whole array after each block.
     for block in range(0, num_documents, _BLOCK_DOCUMENTS):
         rows = array.array("q")  # a_start, a_length, b_start, b_length, label, a_document, b_document
         randoms: list[tuple[int, int, float]] = []  # NSP's random B segments: (row, tokens wanted, draw)
         block_ids = ids[block : block + _BLOCK_DOCUMENTS]
         base = int(document_offsets[block_ids[0]])
-        offsets = sentence_offsets[base : int(document_offsets[block_ids[-1] + 1]) + 1].tolist()
-        for position, document in enumerate(block_ids.tolist(), start=block):
-            first, end = int(document_offsets[document]) - base, int(document_offsets[document + 1]) - base
+        offsets, first_piece, cut = _block_offsets(documents, base, int(document_offsets[block_ids[-1] + 1]), max_tokens)
+        long_sentences += cut
+        bounds = first_piece[np.stack([document_offsets[block_ids], document_offsets[block_ids + 1]], 1) - base].tolist()
+        for position, document, (first, end) in zip(range(block, block + len(block_ids)), block_ids.tolist(), bounds):
             if paired and end - first < 2:
                 counts["single"] += 1
                 continue
