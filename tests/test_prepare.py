@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from bertjax import cli
-from bertjax.data import corpus, loader
+from bertjax.data import corpus
 from bertjax.data import tokenizer as tokenizer_lib
 from tests.test_corpus import GUTENBERG, WIKITEXT, small_config, write_corpus
 

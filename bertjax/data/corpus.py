@@ -1,4 +1,4 @@
-"""Text corpora -> documents of sentences -> token ids, prepared once as a TFDS data set (array_record).
+"""Text corpora -> documents of sentences -> token ids, prepared once (streamed, in parallel, a unit per file).
 
 `config.data.corpus` names the text:
   - a path, a directory (every file in it but hidden ones), a glob, or several of these separated by
@@ -988,7 +988,6 @@ class _UnitWriter:
         self.files = {name: open(self.scratch / f"{name}.bin", "wb") for name in UNIT_ARRAYS}
         self.open_sentences, self.open_hash = 0, 0
         self.counts: collections.Counter = collections.Counter()
-        self.format = None
 
     def add(self, piece: _Piece) -> None:
         self.files["tokens"].write(piece.tokens.tobytes())
