@@ -304,6 +304,9 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         noising.NoisingSpec.from_config(config)
     if "train" in config:
         _positive(config, "train.batch_size", "train.total_steps")
+        if "label_smoothing" in config.train:
+            smoothing = config.train.label_smoothing
+            _check(isinstance(smoothing, (int, float)) and 0.0 <= smoothing < 1.0, "train.label_smoothing", smoothing, "must be in [0, 1)")
         if "grad_accum_steps" in config.train:
             _positive(config, "train.grad_accum_steps")
             _check(

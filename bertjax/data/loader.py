@@ -25,7 +25,7 @@ import tempfile
 import grain
 import numpy as np
 
-from bertjax.data import corpus, masking, pretraining
+from bertjax.data import corpus, masking, noising, pretraining
 from bertjax.data import tokenizer as tokenizer_lib
 from bertjax.errors import UserError
 
@@ -135,8 +135,8 @@ def instance_table(documents, root, max_seq_length: int, short_seq_prob: float, 
 def prepared(config):
     """(tokenizer, {split: TokenizedDocuments}, {split: Instances}) for `config`."""
     vocab_size = config.model.vocab_size if "model" in config else None
-    # Masking and prefetching do not change the instances: leave them out of the cache key.
-    data = {key: value for key, value in config.data.to_dict().items() if key not in ("masking", "prefetch", "num_workers")}
+    # Masking, noising and prefetching do not change the instances: leave them out of the cache key.
+    data = {key: value for key, value in config.data.to_dict().items() if key not in ("masking", "noising", "prefetch", "num_workers")}
     return _prepared(json.dumps(data, sort_keys=True), vocab_size)
 
 
@@ -174,6 +174,8 @@ def batches(config, split: str = "train", process_index: int | None = None, proc
 
     Each is a dict of int32 arrays: input_ids, token_type_ids, attention_mask [B, S];
     masked_positions, masked_ids, masked_weights [B, P]; sentence_label [B] (not for objective 'none').
+    With `data.noising` (seq2seq denoising) each instance is corrupted instead: noising.Noiser.collate's
+    input_ids, attention_mask, decoder_input_ids, decoder_attention_mask, labels, label_weights [B, S].
     B = train.batch_size // process_count.
     """
     if split not in SPLITS:
@@ -194,8 +196,12 @@ def batches(config, split: str = "train", process_index: int | None = None, proc
             "or config.data.eval_corpus"
         )
     table = instances[split]
-    masker = masking.Masker(masking.MaskingSpec.from_config(config, split), tokenizer)
-    build = BatchBuilder(documents[split].tokens, table, data.max_seq_length, tokenizer, masker)
+    if "noising" in data:
+        noiser = noising.Noiser(noising.NoisingSpec.from_config(config, split), tokenizer, data.max_seq_length)
+        build = noising.BatchBuilder(documents[split], table, noiser)
+    else:
+        masker = masking.Masker(masking.MaskingSpec.from_config(config, split), tokenizer)
+        build = BatchBuilder(documents[split].tokens, table, data.max_seq_length, tokenizer, masker)
     count = len(table)
     if split == "train":
         dataset = grain.MapDataset.range(count).shuffle(seed=data.seed).repeat()

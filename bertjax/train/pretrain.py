@@ -1,8 +1,18 @@
 """Pretraining: `train_and_evaluate(config, workdir)`, the one entry point (`bertjax pretrain` calls it).
 
-Read top to bottom: mesh, data, model, state, step, checkpoint, loop. The loss is the masked-LM
-cross-entropy averaged over the weighted masked positions plus the sentence objective's
-cross-entropy (NSP or SOP; none when data.sentence_objective='none'). A workdir that holds
+Read top to bottom: mesh, data, model, state, step, checkpoint, loop. The objective is a switch of
+the config, everything else is shared:
+
+  masked LM (BERT)        the masked-LM cross-entropy averaged over the weighted masked positions plus
+                          the sentence objective's cross-entropy (NSP or SOP; none when
+                          data.sentence_objective='none'); model BertForPreTraining.
+  seq2seq denoising       when config.data has `noising` (BART: bertjax/data/noising.py corrupts each
+  (BART)                  document, configs/seq2seq.py): the decoder's token cross-entropy against the
+                          original document, averaged over the weighted target positions, with label
+                          smoothing train.label_smoothing (0 = none); model Seq2Seq, so config.model
+                          must have the decoder's keys (`num_decoder_layers`, the token ids).
+
+A workdir that holds
 checkpoints resumes from the newest complete one, exactly: same parameters, optimizer state, data
 position and dropout keys as if the run had never stopped. The run holds the workdir's lock
 (`bertjax.train.workdir`) from before its first write to its end.
@@ -22,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import linen as nn
 
 from bertjax import config as config_lib
 from bertjax import checkpoint_io, models
@@ -32,6 +43,7 @@ from bertjax.train import state as state_lib
 from bertjax.train import workdir as workdir_lib
 
 BATCH_KEYS = ("input_ids", "token_type_ids", "attention_mask", "masked_positions", "masked_ids", "masked_weights")
+SEQ2SEQ_BATCH_KEYS = ("input_ids", "attention_mask", "decoder_input_ids", "decoder_attention_mask", "labels", "label_weights")
 SENTENCE_OBJECTIVES = ("nsp", "sop")
 
 log = logging.getLogger(__name__)
@@ -44,13 +56,45 @@ class NonFiniteLossError(FloatingPointError):
 # --- Losses ----------------------------------------------------------------------------------------
 
 
+def is_seq2seq(config) -> bool:
+    """The objective switch: seq2seq denoising when the data config says how to corrupt documents."""
+    return "noising" in config.data
+
+
 def batch_keys(config) -> tuple[str, ...]:
+    if is_seq2seq(config):
+        return SEQ2SEQ_BATCH_KEYS
     return BATCH_KEYS + (("sentence_label",) if config.data.sentence_objective != "none" else ())
 
 
-def loss_sums(model, params, batch: dict, deterministic: bool, dropout_rng=None) -> dict:
+def build_model(config, tok) -> tuple[nn.Module, models.BertConfig]:
+    """The model the objective trains (and its config, for the FLOPs count)."""
+    if not is_seq2seq(config):
+        model_cfg = models.BertConfig.from_config(config.model)
+        return models.BertForPreTraining(model_cfg), model_cfg
+    if "num_decoder_layers" not in config.model:
+        raise config_lib.ConfigError(
+            "config.data.noising asks for seq2seq denoising but config.model has no decoder (no num_decoder_layers): "
+            "start from configs/seq2seq.py, or drop data.noising for masked-LM pretraining"
+        )
+    model_cfg = models.Seq2SeqConfig.from_config(config.model)
+    # The noising batches frame targets as [CLS] text [SEP] and start the decoder from [SEP] (as BART
+    # starts from </s>); generation reads the ids from the model config, so they must agree.
+    expected = dict(pad_token_id=tok.pad_id, bos_token_id=tok.cls_id, eos_token_id=tok.sep_id, decoder_start_token_id=tok.sep_id)
+    for key, value in expected.items():
+        if getattr(model_cfg, key) != value:
+            raise config_lib.ConfigError(
+                f"config.model.{key}={getattr(model_cfg, key)} but the seq2seq batches of tokenizer {tok.path} use {value}: "
+                f"set --config.model.{key}={value}"
+            )
+    return models.Seq2Seq(model_cfg), model_cfg
+
+
+def loss_sums(model, params, batch: dict, deterministic: bool, dropout_rng=None, label_smoothing: float = 0.0) -> dict:
     """Sums over the batch (not means), so micro-batches and eval batches add up exactly."""
     rngs = None if deterministic else {"dropout": dropout_rng}
+    if "labels" in batch:
+        return _seq2seq_sums(model, params, batch, deterministic, rngs, label_smoothing)
     out = model.apply(
         {"params": params},
         batch["input_ids"],
@@ -77,8 +121,50 @@ def loss_sums(model, params, batch: dict, deterministic: bool, dropout_rng=None)
     return sums
 
 
+def _seq2seq_sums(model, params, batch: dict, deterministic: bool, rngs, label_smoothing: float) -> dict:
+    """The decoder's token cross-entropy against `labels` over the weighted target positions. With label
+    smoothing a (the target distribution (1 - a) one-hot + a / V, optax.smooth_labels) the loss is
+    (1 - a) nll + a (logsumexp - mean logit), computed without a [B, T, V] one-hot; `nll` stays the
+    plain cross-entropy."""
+    out = model.apply(
+        {"params": params},
+        batch["input_ids"],
+        batch["attention_mask"],
+        batch["decoder_input_ids"],
+        batch["decoder_attention_mask"],
+        deterministic=deterministic,
+        rngs=rngs,
+    )
+    logits = out.logits.astype(jnp.float32)
+    weights = batch["label_weights"].astype(jnp.float32)
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
+    loss = nll
+    if label_smoothing:
+        uniform = jax.nn.logsumexp(logits, axis=-1) - jnp.mean(logits, axis=-1)
+        loss = (1.0 - label_smoothing) * nll + label_smoothing * uniform
+    return {
+        "token_loss": jnp.sum(loss * weights),
+        "token_nll": jnp.sum(nll * weights),
+        "token_correct": jnp.sum((jnp.argmax(logits, -1) == batch["labels"]) * weights),
+        "token_weight": jnp.sum(weights),
+    }
+
+
+def normalisers(batch: dict) -> dict:
+    """Each summed loss term's divisor over the full batch: the objective is sum(sums[k] / divisor[k])."""
+    if "labels" in batch:
+        return {"token_loss": jnp.maximum(jnp.sum(batch["label_weights"].astype(jnp.float32)), 1.0)}
+    divisors = {"mlm_loss": jnp.maximum(jnp.sum(batch["masked_weights"].astype(jnp.float32)), 1.0)}
+    if "sentence_label" in batch:
+        divisors["sentence_loss"] = jnp.asarray(batch["input_ids"].shape[0], jnp.float32)
+    return divisors
+
+
 def means(sums: dict) -> dict:
     """Losses and accuracies from the sums of `loss_sums` (host or device values)."""
+    if "token_weight" in sums:
+        weight = jnp.maximum(sums["token_weight"], 1.0)
+        return {"loss": sums["token_loss"] / weight, "nll": sums["token_nll"] / weight, "token_accuracy": sums["token_correct"] / weight}
     result = {
         "mlm_loss": sums["mlm_loss"] / jnp.maximum(sums["mlm_weight"], 1.0),
         "mlm_accuracy": sums["mlm_correct"] / jnp.maximum(sums["mlm_weight"], 1.0),
@@ -94,37 +180,34 @@ def make_train_step(model, tx, schedule, config):
     accumulation = config.train.grad_accum_steps
     dropout_seed = config.train.dropout_seed
     nan_step = config.train.inject_nan_at_step
+    label_smoothing = config.train.get("label_smoothing", 0.0)
 
-    def objective(params, micro_batch, dropout_rng, mlm_weight_total, sentence_total):
-        sums = loss_sums(model, params, micro_batch, deterministic=False, dropout_rng=dropout_rng)
-        loss = sums["mlm_loss"] / mlm_weight_total
-        if "sentence_loss" in sums:
-            loss = loss + sums["sentence_loss"] / sentence_total
-        return loss, sums
+    def objective(params, micro_batch, dropout_rng, divisors):
+        sums = loss_sums(model, params, micro_batch, deterministic=False, dropout_rng=dropout_rng, label_smoothing=label_smoothing)
+        return sum(sums[key] / divisor for key, divisor in divisors.items()), sums
 
     gradient = jax.grad(objective, has_aux=True)
 
     def train_step(state: state_lib.TrainState, batch: dict):
         step_rng = state_lib.dropout_key(dropout_seed, state.step)
         # The full batch's totals normalise every micro-batch, so accumulation is exact, not a mean of means.
-        mlm_weight_total = jnp.maximum(jnp.sum(batch["masked_weights"].astype(jnp.float32)), 1.0)
-        sentence_total = jnp.asarray(batch["input_ids"].shape[0], jnp.float32)
+        divisors = normalisers(batch)
         if accumulation == 1:
-            grads, sums = gradient(state.params, batch, step_rng, mlm_weight_total, sentence_total)
+            grads, sums = gradient(state.params, batch, step_rng, divisors)
         else:
             # Micro-batch k takes rows k, k+A, k+2A, ...: every device keeps contributing its own rows.
             micro_batches = jax.tree.map(lambda x: x.reshape((-1, accumulation) + x.shape[1:]).swapaxes(0, 1), batch)
 
             def accumulate(carry, inputs):
                 index, micro_batch = inputs
-                grads, sums = gradient(state.params, micro_batch, jax.random.fold_in(step_rng, index), mlm_weight_total, sentence_total)
+                grads, sums = gradient(state.params, micro_batch, jax.random.fold_in(step_rng, index), divisors)
                 return jax.tree.map(jnp.add, carry, (grads, sums)), None
 
-            zeros = jax.eval_shape(gradient, state.params, jax.tree.map(lambda x: x[0], micro_batches), step_rng, mlm_weight_total, sentence_total)
+            zeros = jax.eval_shape(gradient, state.params, jax.tree.map(lambda x: x[0], micro_batches), step_rng, divisors)
             zeros = jax.tree.map(lambda leaf: jnp.zeros(leaf.shape, leaf.dtype), zeros)
             (grads, sums), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(accumulation), micro_batches))
         step_means = means(sums)
-        loss = step_means["mlm_loss"] + step_means.get("sentence_loss", 0.0)
+        loss = sum(sums[key] / divisor for key, divisor in divisors.items())
         if nan_step >= 0:
             poison = jnp.where(state.step + 1 == nan_step, jnp.nan, 1.0)
             loss, grads = loss * poison, jax.tree.map(lambda g: g * poison, grads)
@@ -141,9 +224,11 @@ def make_train_step(model, tx, schedule, config):
     return train_step
 
 
-def make_eval_step(model):
+def make_eval_step(model, config):
+    label_smoothing = config.train.get("label_smoothing", 0.0)
+
     def eval_step(params, batch: dict) -> dict:
-        return loss_sums(model, params, batch, deterministic=True)
+        return loss_sums(model, params, batch, deterministic=True, label_smoothing=label_smoothing)
 
     return eval_step
 
@@ -178,9 +263,12 @@ def evaluate(eval_step, params, config, mesh, rule_table, num_batches: int) -> d
 
 
 def evaluation(eval_step, params, config, mesh, rule_table) -> dict:
-    """eval/ metrics: MLM loss and accuracy, sentence accuracy, and NSP and SOP accuracy (ALBERT)."""
+    """eval/ metrics on the held-out documents: MLM loss and accuracy, sentence accuracy, and NSP and SOP
+    accuracy (ALBERT); for seq2seq denoising the reconstruction loss, nll and token accuracy."""
     num_batches = config.train.eval_batches
     results = {f"eval/{key}": float(value) for key, value in means(evaluate(eval_step, params, config, mesh, rule_table, num_batches)).items()}
+    if is_seq2seq(config):
+        return results
     # Every model is scored on both sentence tasks, whatever it trained on (ALBERT, Table 5): an
     # NSP-trained model on SOP data, an SOP-trained one on NSP data, an untrained head (none) on both.
     for objective in SENTENCE_OBJECTIVES:
@@ -268,8 +356,7 @@ def _train(config, workdir: pathlib.Path) -> dict:
     train_batches = loader.batches(config, split="train")
 
     # --- Model
-    model_cfg = models.BertConfig.from_config(config.model)
-    model = models.BertForPreTraining(model_cfg)
+    model, model_cfg = build_model(config, tok)
 
     # --- State
     boxed_params = state_lib.abstract_params(model, seq_len)
@@ -285,7 +372,7 @@ def _train(config, workdir: pathlib.Path) -> dict:
         out_shardings=(state_spec.shardings, partitioning.replicated(mesh)),
         donate_argnums=0,
     )
-    eval_step = jax.jit(make_eval_step(model), out_shardings=partitioning.replicated(mesh))
+    eval_step = jax.jit(make_eval_step(model, config), out_shardings=partitioning.replicated(mesh))
 
     # --- Checkpoint
     checkpoints = checkpoints_lib.Checkpoints(workdir, config.checkpoint, total_steps)
