@@ -1115,8 +1115,9 @@ def _run(units: list[_Unit], corpus_format: str, tokenizer) -> None:
             import concurrent.futures
             import multiprocessing
 
-            # fork: spawn would re-run the caller's main module in each worker (`python -m bertjax`, scripts
-            # without a __main__ guard). The workers touch no JAX, so its threads in this process do not matter.
+            # fork, not spawn: spawn re-runs the caller's main module in each worker, which breaks scripts
+            # without a __main__ guard. The workers run only the parser, sentencepiece and numpy, never
+            # JAX, so JAX's threads in this process (and its warning about fork) do not concern them.
             context = multiprocessing.get_context("fork")
             with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker, initargs=(tokenizer.path,)) as pool:
                 pending: collections.deque = collections.deque()
