@@ -1,4 +1,11 @@
-"""Greedy and beam search over a step function, jitted, batched; and `generate` for the seq2seq model.
+"""Greedy and beam search over a step function, jitted, batched; `generate` for the seq2seq model; the verb.
+
+    tokens = generate.generate(model, variables, input_ids, attention_mask, num_beams=4, max_length=64)
+    for line in generate.run("runs/bart", sys.stdin, num_beams=4): ...    # `bertjax generate`
+
+Three layers: `greedy` and `beam_search` (model-agnostic, below), `generate` (a `Seq2Seq`: the
+encoder once, the decoder one token a step over its KV cache, all in one compiled program) and `run`
+(`bertjax generate`: a checkpoint and its tokenizer, lines in, lines out).
 
 The searches know nothing of the model. They drive a step function
 
@@ -45,10 +52,10 @@ StepFn = Callable[[jax.Array, Any, jax.Array], tuple[jax.Array, Any]]
 NEVER = -1.0e9
 
 
-def _log_probs(logits: jax.Array, eos_id: int, forbid_eos: jax.Array) -> jax.Array:
-    """log_softmax in float32 (a no-op on log-probabilities), EOS at -inf where `min_length` is not reached."""
-    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    return log_probs.at[:, eos_id].set(jnp.where(forbid_eos, -jnp.inf, log_probs[:, eos_id]))
+def _forbid_eos(logits: jax.Array, eos_id: int, forbid: jax.Array) -> jax.Array:
+    """float32 logits with EOS at -inf while `min_length` is not reached (HF's MinLengthLogitsProcessor)."""
+    logits = logits.astype(jnp.float32)
+    return logits.at[:, eos_id].set(jnp.where(forbid, -jnp.inf, logits[:, eos_id]))
 
 
 def greedy(
@@ -68,7 +75,7 @@ def greedy(
     def body(state):
         position, tokens, finished, cache = state
         logits, cache = step(jax.lax.dynamic_slice_in_dim(tokens, position, 1, axis=1), cache, position)
-        chosen = jnp.argmax(_log_probs(logits, eos_id, position + 1 < min_length), axis=-1).astype(jnp.int32)
+        chosen = jnp.argmax(_forbid_eos(logits, eos_id, position + 1 < min_length), axis=-1).astype(jnp.int32)
         chosen = jnp.where(finished, pad_id, chosen)
         tokens = jax.lax.dynamic_update_slice_in_dim(tokens, chosen[:, None], position + 1, axis=1)
         return position + 1, tokens, finished | (chosen == eos_id), cache
@@ -143,11 +150,19 @@ def beam_search(
         length = s["length"]
         fed = s["live"][:, :, length - 1].reshape(batch * beams, 1)
         logits, cache = step(fed, s["cache"], length - 1)
-        log_probs = _log_probs(logits, eos_id, length < min_length).reshape(batch, beams, -1)
-        vocab = log_probs.shape[-1]
-        scores = (log_probs + s["live_scores"][:, :, None]).reshape(batch, beams * vocab)
+        # The top candidates of each beam first (log_softmax keeps each row's order), log-probabilities
+        # only for those: the same numbers as HF's log_softmax over the whole vocabulary, and the same
+        # best candidates overall, since no beam gives more than `candidates` of them.
+        logits = logits.astype(jnp.float32)
+        row_max = jnp.max(logits, axis=-1, keepdims=True)
+        log_normaliser = jnp.log(jnp.sum(jnp.exp(logits - row_max), axis=-1, keepdims=True))
+        per_beam = min(candidates, logits.shape[-1])
+        row_logits, row_tokens = jax.lax.top_k(_forbid_eos(logits, eos_id, length < min_length), per_beam)
+        log_probs = (row_logits - row_max) - log_normaliser  # jax.nn.log_softmax's arithmetic
+        scores = (log_probs.reshape(batch, beams, per_beam) + s["live_scores"][:, :, None]).reshape(batch, beams * per_beam)
         top_scores, top_index = jax.lax.top_k(scores, candidates)
-        parents, chosen = top_index // vocab, (top_index % vocab).astype(jnp.int32)
+        parents = top_index // per_beam
+        chosen = jnp.take_along_axis(row_tokens.reshape(batch, beams * per_beam), top_index, axis=1).astype(jnp.int32)
         sequences = _take(s["live"], parents).at[:, :, length].set(chosen)
         ended = (chosen == eos_id) | (length + 1 >= max_length)
 
