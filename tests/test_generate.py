@@ -289,6 +289,8 @@ def test_generate_on_an_encoder_only_model_names_the_problem(tmp_path, capsys):
         assert cli.main(["generate", "--workdir", str(source)]) == 1
         error = capsys.readouterr().err.strip()
         assert error.startswith(f"bertjax generate: --workdir {source}: {kind}") and "BART" in error and "\n" not in error
+    assert cli.main(["generate", "--workdir", str(workdir), "--num-beams", "0"]) == 1
+    assert "--num-beams 0" in capsys.readouterr().err
 
 
 def test_a_bart_tokenizer_json_frames_and_decodes_the_text(tmp_path):
