@@ -258,6 +258,7 @@ def generate(
 ) -> np.ndarray:
     """Token ids [B, T] from a `Seq2Seq` model, as HF `generate` returns them: the decoder start token
     first, EOS ending each finished sequence, pad after it, T the longest sequence (at most `max_length`).
+    (HF's beam search fills with EOS instead of pad when pad_token_id is 0: its `pad or eos`.)
 
     One compiled program per (model, shapes, settings): the encoder runs once, the decoder one token per
     step over its KV cache, greedy when `num_beams` is 1, else beam search (module docstring).
