@@ -17,6 +17,9 @@ from bertjax.convert import hf  # noqa: E402
 from bertjax.models import axes, seq2seq  # noqa: E402
 from bertjax.train import partitioning  # noqa: E402
 
+# Programs of the same shapes (the HF-loaded and the bertjax-made model; steps of the cached decode) compile once.
+pytestmark = pytest.mark.usefixtures("compilation_cache")
+
 # Encoder and decoder depths differ, the feed-forward width is not 4H, and mBART scales its embeddings.
 SHAPE = dict(
     vocab_size=99,
@@ -94,19 +97,24 @@ def test_hf_checkpoint_loads_and_matches(model_type, tmp_path):
 
 
 def perturbed_params(model, seed: int = 0) -> dict:
-    """A random bertjax init with every leaf perturbed (LayerNorms and biases off 1/0)."""
+    """Random parameters of the model's shapes: N(0, 0.05), LayerNorm scales around 1 (numpy: nothing to compile)."""
     ids = jnp.ones((1, 4), jnp.int32)
-    params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(seed), ids, ids, ids)["params"])
-    leaves, treedef = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
-    return jax.tree.unflatten(treedef, [leaf + 0.05 * jax.random.normal(key, leaf.shape) for leaf, key in zip(leaves, keys)])
+    shapes = nn.meta.unbox(jax.eval_shape(lambda: model.init(jax.random.key(0), ids, ids, ids))["params"])
+    rng = np.random.default_rng(seed)
+
+    def draw(path, leaf):
+        centre = 1.0 if path[-1].key == "scale" else 0.0
+        return (centre + rng.normal(0.0, 0.05, leaf.shape)).astype(np.float32)
+
+    return jax.tree_util.tree_map_with_path(draw, shapes)
 
 
 @pytest.mark.parametrize("layer_norm", ["post", "pre"])
 def test_bertjax_model_saves_for_transformers(layer_norm, tmp_path):
     config = seq2seq.model_config("tiny")
-    config.update(vocab_size=99, hidden_size=32, num_heads=4, intermediate_size=48, num_decoder_layers=3,
-                  max_position_embeddings=24, layer_norm=layer_norm, pad_token_id=1, scale_embedding=layer_norm == "pre")
+    config.update(vocab_size=SHAPE["vocab_size"], hidden_size=SHAPE["d_model"], num_heads=SHAPE["encoder_attention_heads"],
+                  intermediate_size=SHAPE["encoder_ffn_dim"], num_layers=SHAPE["encoder_layers"], num_decoder_layers=SHAPE["decoder_layers"],
+                  max_position_embeddings=SHAPE["max_position_embeddings"], layer_norm=layer_norm, pad_token_id=1, scale_embedding=layer_norm == "pre")
     model = seq2seq.Seq2Seq(seq2seq.Seq2SeqConfig.from_config(config))
     params = perturbed_params(model)
     hf.save(model, {"params": params}, tmp_path)
@@ -165,12 +173,14 @@ def test_cached_decode_equals_full_forward(overrides):
     assert np.abs(fresh - full[:, -1:]).max() > 1e-3
 
 
-def test_decode_without_cache_names_init_cache():
+def test_decode_errors_name_the_fix():
     model = tiny_model()
     ids = jnp.ones((1, 4), jnp.int32)
-    variables = model.init(jax.random.key(0), ids, ids, ids)
+    variables = {"params": perturbed_params(model)}
     with pytest.raises(ValueError, match="init_cache"):
         model.apply(variables, ids[:, :1], None, ids, decode=True, method=model.decode, mutable=["cache"])
+    with pytest.raises(ValueError, match="max_target_length=17 exceeds model.max_position_embeddings=16"):
+        model.init_cache(variables, jnp.zeros((1, 4, 32)), 17)
 
 
 def test_every_parameter_has_logical_axes_the_rule_table_shards():

@@ -130,7 +130,7 @@ def bart_tensor_map(cfg: Seq2SeqConfig) -> list[TensorMap]:
     hidden, intermediate = cfg.hidden_size, cfg.intermediate_size
     tensors = [
         embedding("model.shared.weight", ("word_embeddings",), cfg.vocab_size, hidden),
-        TensorMap("final_logits_bias", ("final_logits_bias",), (1, cfg.vocab_size), False),
+        TensorMap("final_logits_bias", ("lm_head", "bias"), (1, cfg.vocab_size), False),
     ]
 
     def attention(hf_prefix: str, path: tuple[str, ...]) -> list[TensorMap]:

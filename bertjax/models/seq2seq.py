@@ -26,8 +26,8 @@ The encoder is `bertjax.models.encoder`'s `Layer` stack; the decoder layer adds 
 self-attention and a cross-attention (the same `Attention` module) before the same feed-forward
 block; both take the config's switches: post-LN (BART) or pre-LN (mBART: a final LayerNorm on each
 stack), learned or sinusoidal positions, dtype and attention implementation. Word embeddings are one
-table shared by encoder, decoder and the LM head (plus BART's `final_logits_bias`). The parameter
-tree (the contract of the BART name map in `bertjax.convert.hf`):
+table shared by encoder, decoder and the LM head (whose bias is BART's `final_logits_bias`). The
+parameter tree (the contract of the BART name map in `bertjax.convert.hf`):
 
     word_embeddings/embedding
     encoder/{embeddings/{position_embeddings (learned only), LayerNorm}, layer_i/... (encoder.Layer),
@@ -36,7 +36,7 @@ tree (the contract of the BART name map in `bertjax.convert.hf`):
              layer_i/{self_attention, self_attention_layer_norm, cross_attention, cross_attention_layer_norm,
                       mlp/{intermediate, output}, mlp_layer_norm},
              final_layer_norm (pre-LN only)}
-    final_logits_bias
+    lm_head/bias
 """
 
 from __future__ import annotations
@@ -220,13 +220,30 @@ class Decoder(nn.Module):
         return self.final_layer_norm(x) if self.cfg.layer_norm == "pre" else x
 
     def init_cache(self, encoder_hidden: jax.Array, max_length: int) -> None:
+        cfg = self.cfg
+        if cfg.position_embedding == "learned" and max_length > cfg.max_position_embeddings:
+            raise ValueError(f"max_target_length={max_length} exceeds model.max_position_embeddings={cfg.max_position_embeddings}")
         self.put_variable("cache", "index", jnp.zeros((), jnp.int32))
         for i in range(self.cfg.num_decoder_layers):
             getattr(self, f"layer_{i}").init_cache(encoder_hidden, max_length)
 
 
+class LMHead(nn.Module):
+    """Logits: hidden states by the word-embedding table (tied), float32, plus an output bias: BART's
+    final_logits_bias, a buffer HF never trains; here it trains like BERT's MLM output bias, and its
+    name `bias` keeps it out of weight decay."""
+
+    cfg: Seq2SeqConfig
+    word_embeddings: nn.Embed
+
+    @nn.compact
+    def __call__(self, hidden: jax.Array) -> jax.Array:
+        bias = self.param("bias", zeros_init((VOCAB,)), (self.cfg.vocab_size,), jnp.float32)
+        return self.word_embeddings.attend(hidden).astype(jnp.float32) + bias
+
+
 class Seq2Seq(nn.Module):
-    """Encoder, decoder and the tied LM head with BART's final_logits_bias (module docstring)."""
+    """Encoder, decoder and the tied LM head (module docstring)."""
 
     cfg: Seq2SeqConfig
 
@@ -237,7 +254,7 @@ class Seq2Seq(nn.Module):
         )
         self.encoder = Seq2SeqEncoder(cfg, self.word_embeddings)
         self.decoder = Decoder(cfg, self.word_embeddings)
-        self.final_logits_bias = self.param("final_logits_bias", zeros_init((VOCAB,)), (cfg.vocab_size,), jnp.float32)
+        self.lm_head = LMHead(cfg, self.word_embeddings)
 
     def __call__(
         self,
@@ -252,7 +269,7 @@ class Seq2Seq(nn.Module):
         encoder_hidden = self.encoder(input_ids, attention_mask, deterministic)
         decoder_hidden = self.decoder(decoder_input_ids, decoder_attention_mask, encoder_hidden, attention_mask, deterministic)
         return Seq2SeqOutput(
-            logits=self.lm_logits(decoder_hidden),
+            logits=self.lm_head(decoder_hidden),
             encoder_last_hidden_state=encoder_hidden,
             decoder_last_hidden_state=decoder_hidden,
         )
@@ -275,11 +292,7 @@ class Seq2Seq(nn.Module):
         """Logits [B, T, V] of the decoder over `encoder_hidden`; with `decode`, of the next T tokens after the
         cache (apply with mutable=['cache']; `encoder_hidden` may then be None: the cache holds its keys and values)."""
         hidden = self.decoder(decoder_input_ids, decoder_attention_mask, encoder_hidden, attention_mask, deterministic, decode)
-        return self.lm_logits(hidden)
-
-    def lm_logits(self, hidden: jax.Array) -> jax.Array:
-        """The tied LM head: hidden states by the word-embedding table, float32, plus final_logits_bias."""
-        return self.word_embeddings.attend(hidden).astype(jnp.float32) + self.final_logits_bias
+        return self.lm_head(hidden)
 
     def build_cache(self, encoder_hidden: jax.Array, max_target_length: int) -> None:
         """Create the 'cache' collection (apply with mutable=['cache']); `init_cache` does that for you."""
