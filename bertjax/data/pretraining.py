@@ -70,17 +70,18 @@ def num_special_tokens(objective: str) -> int:
     return 2 if objective == "none" else 3
 
 
-def _block_offsets(documents: TokenizedDocuments, begin: int, end: int, max_tokens: int) -> tuple[list[int], np.ndarray, int]:
+def _block_offsets(documents: TokenizedDocuments, begin: int, end: int, max_tokens: int) -> tuple[list[int], np.ndarray, np.ndarray]:
     """Token offsets of sentences begin..end-1 with those longer than `max_tokens` cut into pieces (as
-    Python ints, for the loop), where each sentence's first piece is, and how many were cut."""
+    Python ints, for the loop), where each sentence's first piece is, and how many sentences before
+    each were cut."""
     offsets = documents.sentence_offsets[begin : end + 1]
     pieces = np.maximum(1, -(-np.diff(offsets) // max_tokens))
     first_piece = np.concatenate([[0], np.cumsum(pieces)])
-    long_count = int((pieces > 1).sum())
-    if long_count:
+    cut_before = np.concatenate([[0], np.cumsum(pieces > 1)])
+    if cut_before[-1]:
         starts = np.repeat(offsets[:-1], pieces) + max_tokens * (np.arange(first_piece[-1]) - np.repeat(first_piece[:-1], pieces))
         offsets = np.concatenate([starts, offsets[-1:]])
-    return offsets.tolist(), first_piece, long_count
+    return offsets.tolist(), first_piece, cut_before
 
 
 def create_instances(
@@ -135,9 +136,10 @@ def instance_blocks(
         randoms: list[tuple[int, int, float]] = []  # NSP's random B segments: (row, tokens wanted, draw)
         block_ids = ids[block : block + _BLOCK_DOCUMENTS]
         base = int(document_offsets[block_ids[0]])
-        offsets, first_piece, cut = _block_offsets(documents, base, int(document_offsets[block_ids[-1] + 1]), max_tokens)
-        long_sentences += cut
-        bounds = first_piece[np.stack([document_offsets[block_ids], document_offsets[block_ids + 1]], 1) - base].tolist()
+        offsets, first_piece, cut_before = _block_offsets(documents, base, int(document_offsets[block_ids[-1] + 1]), max_tokens)
+        sentence_bounds = np.stack([document_offsets[block_ids], document_offsets[block_ids + 1]], 1) - base
+        long_sentences += int((cut_before[sentence_bounds[:, 1]] - cut_before[sentence_bounds[:, 0]]).sum())
+        bounds = first_piece[sentence_bounds].tolist()
         for position, document, (first, end) in zip(range(block, block + len(block_ids)), block_ids.tolist(), bounds):
             if paired and end - first < 2:
                 counts["single"] += 1
