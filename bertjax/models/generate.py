@@ -131,14 +131,12 @@ def beam_search(
     candidates = 2 * beams  # enough that `beams` live ones remain when the best `beams` all end in EOS
     is_top = jnp.arange(candidates) < beams
     live = jnp.full((batch, beams, max_length), pad_id, jnp.int32).at[:, :, 0].set(start_tokens[:, None])
-    live_scores = jnp.zeros((batch, beams), jnp.float32).at[:, 1:].set(NEVER)  # one live beam at first
-    done = jnp.full((batch, beams), NEVER, jnp.float32)
     state = {
         "length": jnp.int32(1),  # tokens so far, start token included
         "live": live,
-        "live_scores": live_scores,
-        "done": live,
-        "done_scores": done,
+        "live_scores": jnp.zeros((batch, beams), jnp.float32).at[:, 1:].set(NEVER),  # one live beam at first
+        "done": live,  # the finished hypotheses, best first
+        "done_scores": jnp.full((batch, beams), NEVER, jnp.float32),
         "done_filled": jnp.zeros((batch, beams), bool),
         "done_lengths": jnp.ones((batch, beams), jnp.int32),
         "open": jnp.ones((batch,), bool),  # HF's is_early_stop_heuristic_unsatisfied
