@@ -18,6 +18,7 @@ import dataclasses
 import functools
 import json
 import logging
+import os
 import pathlib
 import shutil
 import tempfile
@@ -34,6 +35,7 @@ SPLITS = ("train", "eval")
 EVAL_INSTANCE_SEED = masking.EVAL_SEED
 # Part of the key of stored instance tables: bumped when create_instances gives other instances.
 INSTANCE_TABLE_VERSION = 2
+READ_THREADS = 4
 
 log = logging.getLogger(__name__)
 
@@ -214,7 +216,10 @@ def batches(config, split: str = "train", process_index: int | None = None, proc
         dataset = grain.MapDataset.range(padded).map(lambda i: np.array([i % count, 0], np.int64))
     dataset = dataset[process_index::process_count]
     dataset = dataset.batch(batch_size, drop_remainder=True, batch_fn=np.stack).map(build)
-    iter_dataset = dataset.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=max(data.prefetch, 1)))
+    # Batches are assembled in up to READ_THREADS threads (their token reads and numpy work release
+    # the GIL); grain keeps their order, so the stream is the same for any number.
+    threads = min(READ_THREADS, os.cpu_count() or 1)
+    iter_dataset = dataset.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(data.prefetch, threads)))
     if data.num_workers > 0:
         from absl import flags
 
