@@ -124,6 +124,7 @@ def test_min_length_forbids_an_early_eos():
 
 
 BART_IDS = dict(pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=0)
+MAX_LENGTH = 33  # the longest the random BART's 32 positions allow: the start token and 32 fed positions
 
 
 def random_bart(directory, eos_bias: float = 1.0, **ids):
@@ -183,7 +184,7 @@ def uncached_search(model, variables, input_ids, attention_mask, beams, max_leng
         return jax.lax.dynamic_index_in_dim(logits, position, axis=1, keepdims=False), history
 
     cfg = model.cfg
-    history = jnp.full((input_ids.shape[0] * beams, max_length), cfg.pad_token_id, jnp.int32)
+    history = jnp.full((input_ids.shape[0] * beams, max_length - 1), cfg.pad_token_id, jnp.int32)  # the fed tokens
     starts = jnp.full((input_ids.shape[0],), cfg.decoder_start_token_id, jnp.int32)
     ids = dict(max_length=max_length, eos_id=cfg.eos_token_id, pad_id=cfg.pad_token_id)
     if beams == 1:
@@ -197,10 +198,10 @@ def uncached_search(model, variables, input_ids, attention_mask, beams, max_leng
 def test_cached_generation_equals_the_uncached_forward(bart, beams):
     _, model, variables = bart
     input_ids, attention_mask = source_batch(model.cfg.vocab_size)
-    cached = generate.generate(model, variables, input_ids, attention_mask, num_beams=beams, max_length=14)
-    uncached = uncached_search(model, variables, input_ids, attention_mask, beams, 14)
+    cached = generate.generate(model, variables, input_ids, attention_mask, num_beams=beams, max_length=MAX_LENGTH)
+    uncached = uncached_search(model, variables, input_ids, attention_mask, beams, MAX_LENGTH)
     np.testing.assert_array_equal(cached, uncached)
-    assert cached.shape[1] == 14  # some sequence runs to max_length: the cache is used every step
+    assert cached.shape[1] == MAX_LENGTH  # some sequence runs to max_length: the cache is used every step
 
 
 @pytest.mark.parametrize("options", [dict(num_beams=1), dict(num_beams=4), dict(num_beams=4, length_penalty=2.0, early_stopping="never")])
@@ -215,7 +216,7 @@ def test_generation_equals_huggingface(bart, options):
     reference, model, variables = bart
     input_ids, attention_mask = source_batch(model.cfg.vocab_size)
     settings = transformers.GenerationConfig(
-        do_sample=False, max_length=14, min_length=0, no_repeat_ngram_size=0, repetition_penalty=1.0,
+        do_sample=False, max_length=MAX_LENGTH, min_length=0, no_repeat_ngram_size=0, repetition_penalty=1.0,
         forced_bos_token_id=None, forced_eos_token_id=None, length_penalty=1.0, early_stopping=False, **BART_IDS,
     )
     settings.update(**options)
@@ -223,7 +224,7 @@ def test_generation_equals_huggingface(bart, options):
         expected = reference.generate(
             torch.tensor(input_ids, dtype=torch.long), attention_mask=torch.tensor(attention_mask, dtype=torch.long), generation_config=settings
         ).numpy()
-    tokens = generate.generate(model, variables, input_ids, attention_mask, max_length=14, **options)
+    tokens = generate.generate(model, variables, input_ids, attention_mask, max_length=MAX_LENGTH, **options)
     np.testing.assert_array_equal(tokens, expected)
 
 

@@ -232,7 +232,7 @@ def _generate(model, params, input_ids, attention_mask, *, num_beams, max_length
     cfg = model.cfg
     encoder_hidden = model.apply({"params": params}, input_ids, attention_mask, method=model.encode)
     encoder_hidden, attention_mask = repeat_rows((encoder_hidden, attention_mask), num_beams)
-    cache = model.init_cache({"params": params}, encoder_hidden, max_length)
+    cache = model.init_cache({"params": params}, encoder_hidden, max_length - 1)  # the last token is never fed
     starts = jnp.full((input_ids.shape[0],), cfg.decoder_start_token_id, jnp.int32)
     ids = {"max_length": max_length, "eos_id": cfg.eos_token_id, "pad_id": cfg.pad_token_id, "min_length": min_length}
     if num_beams == 1:
