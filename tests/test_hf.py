@@ -234,3 +234,19 @@ def test_convert_verb_round_trips_hf_to_workdir_and_back(small_checkpoint, tmp_p
     assert (exported / "vocab.txt").read_text() == (small_checkpoint / "vocab.txt").read_text()
     with pytest.raises(FileExistsError, match="not empty"):
         checkpoint_io.convert(str(small_checkpoint), str(workdir))
+
+
+@pytest.mark.parametrize("verb", ["convert", "generate"])
+def test_an_unusable_hf_directory_is_one_line_and_exit_1(tmp_path, capsys, verb):
+    """HFCheckpointError is a UserError: every verb that reads an HF directory prints it as one line, no traceback."""
+    from bertjax import cli
+
+    source = tmp_path / "t5"
+    source.mkdir()
+    (source / hf.CONFIG_FILE).write_text(json.dumps({"model_type": "t5", "architectures": ["T5ForConditionalGeneration"]}))
+    (source / hf.WEIGHTS_FILE).write_bytes(b"")
+    args = ["--from", str(source), "--to", str(tmp_path / "out")] if verb == "convert" else ["--workdir", str(source)]
+    assert cli.main([verb, *args]) == 1
+    error = capsys.readouterr().err.strip()
+    assert error.startswith(f"bertjax {verb}: ") and "model_type='t5'" in error and "Traceback" not in error
+    assert len(error.splitlines()) == 1

@@ -30,6 +30,7 @@ import numpy as np
 import safetensors.numpy
 
 from bertjax import config as config_lib
+from bertjax.errors import UserError
 from bertjax.models import BertConfig, BertForPreTraining
 from bertjax.models import seq2seq
 from bertjax.models.seq2seq import Seq2Seq, Seq2SeqConfig
@@ -57,8 +58,9 @@ DECODER_BIAS_ALIAS = ("cls.predictions.decoder.bias", "cls.predictions.bias")
 LAYER_NORM_ALIASES = {".gamma": ".weight", ".beta": ".bias"}
 
 
-class HFCheckpointError(ValueError):
-    """A directory that is not a usable HuggingFace BERT checkpoint; the message names the file and tensor."""
+class HFCheckpointError(UserError, ValueError):
+    """A directory that is not a usable HuggingFace checkpoint (BERT, BART or mBART); the message names the
+    file and tensor. A UserError: every verb prints it as one line."""
 
 
 @dataclasses.dataclass(frozen=True)
