@@ -86,7 +86,8 @@ def test_every_path_a_user_gives_is_made_absolute_once(tmp_path, monkeypatch):
     from bertjax.train import finetune as finetune_lib
     from bertjax.train import pretrain as pretrain_lib
 
-    monkeypatch.setattr(pretrain_lib, "train_and_evaluate", lambda config, workdir: seen.update(workdir=workdir))
+    # Like the real one, pretraining returns its summary (the CLI reads `stopped_by` from it).
+    monkeypatch.setattr(pretrain_lib, "train_and_evaluate", lambda config, workdir: seen.update(workdir=workdir) or {"step": 0})
     monkeypatch.setattr(finetune_lib, "train_and_evaluate", lambda config, workdir: seen.update(workdir=workdir))
     argv = ["pretrain", "--workdir", "runs/pt", "--config.data.corpus=books/*.txt, more.txt", "--config.init_from=runs/old:600"]
     assert cli.main(argv + ["--config.data.tokenizer=tok/sp.model", "--config.data.eval_corpus=tfds:wiki40b"]) == 0
