@@ -297,7 +297,7 @@ def tokenizer(argv):
 def convert(argv):
     parser = _ArgumentParser(
         prog="bertjax convert",
-        description="Convert between a HuggingFace BERT directory (config.json + model.safetensors) and a bertjax "
+        description="Convert between a HuggingFace BERT, BART or mBART directory (config.json + model.safetensors) and a bertjax "
         "checkpoint. The direction follows from what --from holds: a HuggingFace directory becomes a bertjax "
         "workdir; a bertjax workdir (or WORKDIR:STEP) becomes a HuggingFace directory.",
     )
