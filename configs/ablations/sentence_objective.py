@@ -18,4 +18,4 @@ def get_config():
 
 def get_sweep():
     objectives = [Arm(objective, {"data.sentence_objective": objective}) for objective in ("none", "nsp", "sop")]
-    return product(objectives, seeds(2))
+    return product(objectives, seeds(1))
