@@ -349,7 +349,12 @@ def read_metrics(run_dir: str | pathlib.Path) -> list[dict]:
     return rows
 
 
-PRETRAIN_COLUMNS = ("loss", "eval/mlm_loss", "eval/mlm_accuracy", "eval/nsp_accuracy", "eval/sop_accuracy")
+# The held-out metrics of either objective (bertjax/train/pretrain.py): masked LM and the sentence tasks,
+# or seq2seq denoising's reconstruction loss, its nll (the loss without label smoothing) and token accuracy.
+PRETRAIN_COLUMNS = (
+    *("loss", "eval/mlm_loss", "eval/mlm_accuracy", "eval/nsp_accuracy", "eval/sop_accuracy"),
+    *("eval/loss", "eval/nll", "eval/token_accuracy"),
+)
 
 
 def _last_values(rows: Iterable[dict], keys: Sequence[str]) -> dict:

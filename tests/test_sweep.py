@@ -295,3 +295,17 @@ def test_two_arm_sweep_end_to_end(tmp_path, shared_data, monkeypatch):
     calls = []
     sweep.run(spec, config, str(tmp_path / "runs"), overrides, runner=lambda command, log: calls.append(command) or 0)
     assert calls == [], "a finished sweep re-run runs nothing"
+
+
+def test_collect_reports_the_seq2seq_reconstruction_loss(tmp_path):
+    """A seq2seq denoising arm (configs/ablations/noising.py) logs eval/loss, eval/nll and eval/token_accuracy, not MLM's."""
+    root = tmp_path / "runs"
+    for name, eval_loss in [("infilling-seed0", 6.5), ("rotation-seed0", 7.25)]:
+        fake_finished_run(root / name / "pretrain", [8.0, 7.0], {"eval/loss": eval_loss, "eval/nll": eval_loss, "eval/token_accuracy": 0.125})
+        (root / name / "arm.json").write_text(json.dumps(dict(name=name, group=name.removesuffix("-seed0"), overrides={})))
+        (root / name / sweep.PRETRAIN_DONE).touch()
+    lines = sweep.collect(root).splitlines()
+    header = [cell.strip() for cell in lines[0].split("|")]
+    assert {"eval/loss", "eval/nll", "eval/token_accuracy"} <= set(header)
+    rows = {line.split("|")[1].strip(): [cell.strip() for cell in line.split("|")] for line in lines[2:4]}
+    assert rows["infilling"][header.index("eval/loss")].startswith("6.5000") and rows["rotation"][header.index("eval/loss")].startswith("7.2500")
