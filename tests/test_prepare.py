@@ -3,6 +3,7 @@ what one process gives, preparers share files (--shard), and the token store rea
 
 import json
 import logging
+import pickle
 
 import numpy as np
 import pytest
@@ -129,3 +130,7 @@ def test_the_token_store_reads_what_the_concatenated_array_holds(tmp_path):
     segments = np.concatenate([np.arange(s, s + n) for s, n in zip(rng.integers(0, len(whole) - 50, 40), rng.integers(1, 50, 40))])
     for index in (segments, segments.reshape(-1, 1)[::-1], rng.integers(0, len(whole), (7, 9)), np.array([1004, 1004, 0, 4004])):
         np.testing.assert_array_equal(store[index], whole[index])
+    # Pickled (to grain's worker processes) it maps the files again: the pickle holds no token.
+    blob = pickle.dumps(store)
+    assert len(blob) < whole.nbytes // 4
+    np.testing.assert_array_equal(pickle.loads(blob)[segments], whole[segments])

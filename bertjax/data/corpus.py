@@ -45,7 +45,6 @@ import ast
 import codecs
 import collections
 import dataclasses
-import functools
 import glob
 import hashlib
 import itertools
@@ -704,69 +703,54 @@ def cache_root(config) -> pathlib.Path:
 
 
 class TokenStore:
-    """The token ids of several prepared units as one flat int32 array, read from disk on demand.
+    """The token ids of several prepared units as one flat int32 array, mapped from disk, read on demand.
 
-    Indexing reads only the spans of the files it needs (one os.preadv per run of consecutive positions), so
-    a process holds no more of the corpus than the batch it assembles: no token cache in memory, and
-    no mapped pages that would count in its RSS as training reads its way through the corpus.
+    Each unit's tokens.bin is a read-only memory map (the layout of Megatron-LM's and fairseq's indexed
+    datasets), so starting costs nothing and a batch gathers its segments with one numpy index per file.
+    The pages a process touches are the kernel's page cache, clean and shared by every process that
+    maps the file: they count in its RSS as training reads its way through the corpus, but the kernel
+    reclaims them under memory pressure, as it would the cache behind explicit reads. (An os.preadv per
+    segment, tried first, kept them out of RSS but made assembling a batch 2.2x slower:
+    experiments/data_scale/README.md.)
     """
 
     def __init__(self, paths: list[pathlib.Path]):
         self.paths = [pathlib.Path(path) for path in paths]
         sizes = [path.stat().st_size // 4 for path in self.paths]
         self.starts = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
-        self._descriptors: tuple[int, list[int]] | None = None
+        self._maps: list[np.ndarray] | None = None
 
-    def __getstate__(self):  # grain's worker processes get their own descriptors
-        return dict(self.__dict__, _descriptors=None)
+    def __getstate__(self):  # a pickled store (grain's worker processes) maps the files again, not copies them
+        return dict(self.__dict__, _maps=None)
 
-    def _files(self) -> list[int]:
-        if self._descriptors is None or self._descriptors[0] != os.getpid():
-            self._descriptors = (os.getpid(), [os.open(path, os.O_RDONLY) for path in self.paths])
-        return self._descriptors[1]
-
-    def __del__(self):
-        if self._descriptors is not None and self._descriptors[0] == os.getpid():
-            for descriptor in self._descriptors[1]:
-                os.close(descriptor)
+    def _arrays(self) -> list[np.ndarray]:
+        if self._maps is None:
+            self._maps = [
+                np.memmap(path, dtype=np.int32, mode="r", shape=(int(e - b),)) if e > b else np.zeros(0, np.int32)
+                for path, b, e in zip(self.paths, self.starts[:-1], self.starts[1:])
+            ]
+        return self._maps
 
     def __len__(self) -> int:
         return int(self.starts[-1])
 
-    def _read(self, begin: int, end: int) -> np.ndarray:
-        """Tokens begin..end-1, within one file."""
-        part = int(np.searchsorted(self.starts, begin, side="right")) - 1
-        offset = begin - int(self.starts[part])
-        data = os.pread(self._files()[part], 4 * (end - begin), 4 * offset)
-        return np.frombuffer(data, np.int32)
-
     def __getitem__(self, index) -> np.ndarray:
+        maps = self._arrays()
         if isinstance(index, slice):
             begin, end, step = index.indices(len(self))
-            if step != 1 or end <= begin:
-                return self[np.arange(begin, end, step)]
-            bounds = [begin, *(int(s) for s in self.starts if begin < s < end), end]
-            return np.concatenate([self._read(b, e) for b, e in zip(bounds[:-1], bounds[1:])])
+            if step == 1 and end > begin:  # a run of tokens: copied from each file it spans
+                parts = [m[max(begin - b, 0) : min(end, e) - b] for m, b, e in zip(maps, self.starts[:-1], self.starts[1:]) if begin < e and b < end]
+                return np.concatenate(parts).astype(np.int32, copy=False) if len(parts) > 1 else np.array(parts[0])
+            index = np.arange(begin, end, step)
         index = np.asarray(index, np.int64)
-        if not index.size:
-            return np.zeros(index.shape, np.int32)
-        # Runs of consecutive positions (a segment of a document) within one file, each read into its
-        # place in the result.
-        flat = index.ravel()
-        breaks = np.ones(len(flat), np.bool_)
-        breaks[1:] = np.diff(flat) != 1
-        part = np.searchsorted(self.starts, flat, side="right") - 1 if len(self.paths) > 1 else np.zeros(len(flat), np.int64)
-        if len(self.paths) > 1:
-            breaks[1:] |= np.diff(part) != 0
-        first = np.flatnonzero(breaks)
-        lengths = np.diff(np.append(first, len(flat)))
-        run_part = part[first]
-        result = np.empty(len(flat), np.int32)
-        view = memoryview(result.view(np.uint8))
-        files = self._files()
-        for file, offset, at, size in zip(run_part.tolist(), (4 * (flat[first] - self.starts[run_part])).tolist(), (4 * first).tolist(), (4 * lengths).tolist()):
-            os.preadv(files[file], [view[at : at + size]], offset)
-        return result.reshape(index.shape)
+        if len(maps) == 1:
+            return np.asarray(maps[0][index])
+        part = np.searchsorted(self.starts, index, side="right") - 1
+        result = np.empty(index.shape, np.int32)
+        for number in np.unique(part).tolist():
+            chosen = part == number
+            result[chosen] = maps[number][index[chosen] - self.starts[number]]
+        return result
 
     def __array__(self, dtype=None, copy=None):
         whole = self[:]
@@ -780,13 +764,15 @@ class TokenizedDocuments:
     `document_ids` of a prepared set (None: all of them); `key` names the set, for tables derived from it.
 
     `tokens` is an array or a lazy TokenStore; the sentence offsets are computed when first asked for
-    (only building an instance table needs them)."""
+    (only building an instance table needs them), once for all the splits made from one set by
+    `dataclasses.replace` (they share `_cache`)."""
 
     tokens: Any
     sentence_lengths: np.ndarray  # int32 [num_sentences], possibly memory-mapped
     document_offsets: np.ndarray  # int64 [num_all_documents + 1]
     document_ids: np.ndarray | None = None
     key: str = ""
+    _cache: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
     @property
     def num_documents(self) -> int:
@@ -797,10 +783,13 @@ class TokenizedDocuments:
         """The documents of this split, in corpus order."""
         return np.arange(len(self.document_offsets) - 1) if self.document_ids is None else self.document_ids
 
-    @functools.cached_property
+    @property
     def sentence_offsets(self) -> np.ndarray:
-        offsets = np.zeros(len(self.sentence_lengths) + 1, np.int64)
-        np.cumsum(self.sentence_lengths, out=offsets[1:])
+        lengths, offsets = self._cache.get("sentence_offsets", (None, None))
+        if lengths is not self.sentence_lengths:  # (a copy given other sentence lengths computes its own)
+            offsets = np.zeros(len(self.sentence_lengths) + 1, np.int64)
+            np.cumsum(self.sentence_lengths, out=offsets[1:])
+            self._cache["sentence_offsets"] = (self.sentence_lengths, offsets)
         return offsets
 
     @classmethod
@@ -1140,7 +1129,7 @@ def _load_unit(directory: pathlib.Path) -> dict[str, np.ndarray]:
     for name, dtype in UNIT_ARRAYS.items():
         path = directory / f"{name}.bin"
         size = path.stat().st_size
-        # The tokens are read by TokenStore; the sentence lengths are mapped (only instance tables need them).
+        # The tokens are mapped by TokenStore; the sentence lengths are mapped too (only instance tables need them).
         if name == "tokens":
             continue
         if size and name == "sentence_lengths":

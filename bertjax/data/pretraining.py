@@ -70,18 +70,28 @@ def num_special_tokens(objective: str) -> int:
     return 2 if objective == "none" else 3
 
 
-def _block_offsets(documents: TokenizedDocuments, begin: int, end: int, max_tokens: int) -> tuple[list[int], np.ndarray, np.ndarray]:
-    """Token offsets of sentences begin..end-1 with those longer than `max_tokens` cut into pieces (as
-    Python ints, for the loop), where each sentence's first piece is, and how many sentences before
-    each were cut."""
-    offsets = documents.sentence_offsets[begin : end + 1]
-    pieces = np.maximum(1, -(-np.diff(offsets) // max_tokens))
+def _block_offsets(documents: TokenizedDocuments, block_ids: np.ndarray, max_tokens: int) -> tuple[list[int], np.ndarray, int]:
+    """The token offsets of the documents `block_ids`' sentences, each document's followed by its end
+    (as Python ints, for the loop), with sentences longer than `max_tokens` cut into pieces; where each
+    document's first piece and its end are in that list ([documents, 2]); and how many sentences were cut.
+
+    Only the block's own documents are gathered: the held-out split's documents are scattered through
+    the corpus, and the span from its first to its last would be most of it."""
+    first, end = documents.document_offsets[block_ids], documents.document_offsets[block_ids + 1]
+    entries = end - first + 1  # a document's sentences and its end
+    positions = np.concatenate([[0], np.cumsum(entries)])
+    sentence = np.repeat(first - positions[:-1], entries) + np.arange(positions[-1])
+    offsets = documents.sentence_offsets[sentence]
+    is_end = np.zeros(len(offsets), np.bool_)
+    is_end[positions[1:] - 1] = True
+    lengths = np.diff(offsets, append=offsets[-1:])
+    pieces = np.where(is_end, 1, np.maximum(1, -(-lengths // max_tokens)))
     first_piece = np.concatenate([[0], np.cumsum(pieces)])
-    cut_before = np.concatenate([[0], np.cumsum(pieces > 1)])
-    if cut_before[-1]:
-        starts = np.repeat(offsets[:-1], pieces) + max_tokens * (np.arange(first_piece[-1]) - np.repeat(first_piece[:-1], pieces))
-        offsets = np.concatenate([starts, offsets[-1:]])
-    return offsets.tolist(), first_piece, cut_before
+    cut = int((pieces > 1).sum())
+    if cut:
+        offsets = np.repeat(offsets, pieces) + max_tokens * (np.arange(first_piece[-1]) - np.repeat(first_piece[:-1], pieces))
+    bounds = np.stack([first_piece[positions[:-1]], first_piece[positions[1:] - 1]], 1)
+    return offsets.tolist(), bounds, cut
 
 
 def create_instances(
@@ -135,11 +145,9 @@ def instance_blocks(
         rows = array.array("q")  # a_start, a_length, b_start, b_length, label, a_document, b_document
         randoms: list[tuple[int, int, float]] = []  # NSP's random B segments: (row, tokens wanted, draw)
         block_ids = ids[block : block + _BLOCK_DOCUMENTS]
-        base = int(document_offsets[block_ids[0]])
-        offsets, first_piece, cut_before = _block_offsets(documents, base, int(document_offsets[block_ids[-1] + 1]), max_tokens)
-        sentence_bounds = np.stack([document_offsets[block_ids], document_offsets[block_ids + 1]], 1) - base
-        long_sentences += int((cut_before[sentence_bounds[:, 1]] - cut_before[sentence_bounds[:, 0]]).sum())
-        bounds = first_piece[sentence_bounds].tolist()
+        offsets, bounds, cut = _block_offsets(documents, block_ids, max_tokens)
+        long_sentences += cut
+        bounds = bounds.tolist()
         for position, document, (first, end) in zip(range(block, block + len(block_ids)), block_ids.tolist(), bounds):
             if paired and end - first < 2:
                 counts["single"] += 1
