@@ -4,10 +4,11 @@ r"""Fine-tuning on a downstream task: one variant per task, the four task famili
   bertjax finetune --config configs/finetune.py:conll2003 --workdir runs/ner --config.finetune.regime=features \
       --config.finetune.features=scalar_mix --config.init_from=runs/tiny
   bertjax finetune --config configs/finetune.py:cola --workdir runs/cola --config.seeds=5 --config.init_from=HF_DIR
+  bertjax finetune --config configs/finetune.py:xquad_qg --workdir runs/qg --config.init_from=runs/s2s-tiny
 
 Variants: sst2, cola, mnli (matched dev; mismatched dev as `mismatched/...`), qnli, rte, mrpc,
 qqp, stsb (regression), wnli, conll2003 (NER), ud_pos (UD EWT UPOS), squad (v1.1), squad_v2,
-xquad (the shared XQuAD file as SQuAD v1.1), chnsenticorp. Data paths are relative to
+xquad (the shared XQuAD file as SQuAD v1.1), xquad_qg (question generation, below), chnsenticorp. Data paths are relative to
 $BERTJAX_SHARED_DATA (default ../shared/data) for the data sets shipped there and to
 $GLUE_DIR / $SQUAD_DIR (default data/glue, data/squad) for the others; override with
 --config.data.train=... --config.data.dev=... (a path or 'tfds:NAME[:SPLIT]'; dev's split defaults to
@@ -32,6 +33,17 @@ majority class in tests/test_finetune.py), about 25 s a seed on 2 CPU cores:
       --config.data.max_train_examples=3000 --config.data.max_seq_length=48 --config.model.hidden_size=64 \
       --config.model.intermediate_size=256 --config.model.vocab_size=1000 --config.train.batch_size=16 \
       --config.train.epochs=2 --config.optim.lr=1e-3
+
+xquad_qg is question generation (family seq2seq): an encoder-decoder reads `[CLS] answer [SEP]
+passage window [SEP]` (the window centred on the answer) and generates the question; init_from is a
+seq2seq pretraining run (`bertjax pretrain --config configs/seq2seq.py:tiny`), or none: a tiny
+encoder-decoder from scratch (model = configs/seq2seq.py's tiny) with the tokenizer of
+data.tokenizer, else one trained on the training passages and questions. The one XQuAD file is cut by
+passage (data.passage_split: 70% train, 15% dev to select the step, 15% held out; fixed seed), so no
+passage is in two parts. Generated questions (config.generation: greedy, or beam search with
+num_beams > 1) are scored with ROUGE-L F (rouge-score; it selects the step: smoother than BLEU on a
+few hundred questions) and corpus BLEU (sacrebleu). Scratch vs pretrained, measured:
+experiments/question_generation/README.md.
 """
 
 import os
@@ -39,6 +51,7 @@ import os
 import ml_collections
 
 from bertjax import config as config_lib
+from bertjax.models import seq2seq
 
 SHARED = os.environ.get("BERTJAX_SHARED_DATA", "../shared/data")
 GLUE = os.environ.get("GLUE_DIR", "data/glue")
@@ -176,6 +189,18 @@ def get_config(task: str = "sst2"):
         config.data.update(dict(format="squad", max_seq_length=384, doc_stride=128))
         config.task.update(dict(family="span", metrics=("f1", "exact_match"), version_2=task == "squad_v2"))
         config.train.epochs = 2.0
+    elif task == "xquad_qg":
+        config.model = seq2seq.model_config("tiny")
+        config.model.update(pad_token_id=0, bos_token_id=2, eos_token_id=3, decoder_start_token_id=3)  # configs/seq2seq.py's
+        config.data.update(dict(train=f"{SHARED}/squad-format/xquad.en.json", format="squad", max_seq_length=128, max_answer_length=30))
+        config.data.passage_split = (0.7, 0.15)  # (train, dev) fractions of the passages; the rest is held out
+        config.data.passage_split_seed = 0
+        config.data.max_target_length = 32  # question pieces + [CLS] and [SEP]
+        config.task.update(dict(family="seq2seq", metrics=("rougeL", "bleu")))
+        config.generation = ml_collections.ConfigDict(dict(num_beams=1, max_length=32, length_penalty=1.0))
+        config.train.label_smoothing = 0.1  # BART's fine-tuning value
+        config.train.update(dict(batch_size=16, epochs=6.0, eval_every=80))  # ~320 steps: the CPU scale measured
+        config.optim.lr = 1e-3
     else:
         raise ValueError(f"unknown fine-tuning task {task!r}")
     return config

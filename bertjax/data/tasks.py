@@ -17,6 +17,9 @@ Encoders turn records into dicts of fixed-shape numpy arrays the fine-tuning ste
   label [N] (int32 class id, float32 for regression), or
   tag_ids [N, S] (tag id on the first piece of each word, -1 elsewhere), or
   start_position, end_position [N] (0 = [CLS], "no answer in this window").
+Question generation (family seq2seq, `encode_question_generation`) turns a SQuAD record around: the
+answer and its passage are the source, the question the target; `split_by_passage` splits one SQuAD
+file into parts that share no passage.
 """
 
 from __future__ import annotations
@@ -639,3 +642,90 @@ def encode_squad(tokenizer, examples: Sequence[QAExample], max_seq_length: int, 
     features["offsets"] = np.stack(offset_rows) if offset_rows else np.zeros((0, max_seq_length, 2), np.int32)
     features["max_context"] = np.stack(context_rows) if context_rows else np.zeros((0, max_seq_length), bool)
     return features
+
+
+# ---------------------------------------------------------------------------------------------
+# Question generation (seq2seq): a passage and an answer in, the question out
+
+
+def split_by_passage(examples: Sequence[QAExample], fractions: Sequence[float], seed: int) -> list[list[QAExample]]:
+    """The questions grouped by passage, the passages shuffled with `seed` and cut into parts of the
+    given fractions (the last part takes the rest): no passage, and so no question about it, is in two
+    parts. Each part keeps file order. SQuAD asks several questions about each passage; splitting the
+    questions instead would put the same passage in training and test, and a generator could learn it."""
+    if not fractions or any(f <= 0 for f in fractions) or sum(fractions) >= 1:
+        raise TaskDataError(f"config data.passage_split={tuple(fractions)}: give positive fractions that sum to less than 1 (the rest is the last part)")
+    passages = list(dict.fromkeys(example.context for example in examples))
+    order = np.random.default_rng(seed).permutation(len(passages))
+    bounds = np.round(np.cumsum(fractions) * len(passages)).astype(int)
+    part_of = {passages[index]: int(np.searchsorted(bounds, rank, side="right")) for rank, index in enumerate(order)}
+    parts = [[] for _ in range(len(fractions) + 1)]
+    for example in examples:
+        parts[part_of[example.context]].append(example)
+    empty = [index for index, part in enumerate(parts) if not part]
+    if empty:
+        raise TaskDataError(
+            f"config data.passage_split={tuple(fractions)}: part {empty[0]} of the {len(passages)} passages is empty; give larger fractions or more data"
+        )
+    return parts
+
+
+def _answer_window(left: list[int], answer: list[int], right: list[int], budget: int) -> list[int]:
+    """The answer's pieces in the passage with as much context on each side as `budget` allows, split
+    evenly (a side that runs out gives its share to the other)."""
+    answer = answer[:budget]
+    room = budget - len(answer)
+    take_left = min(len(left), max(room // 2, room - len(right)))
+    take_right = min(len(right), room - take_left)
+    return left[len(left) - take_left :] + answer + right[:take_right]
+
+
+def encode_question_generation(
+    tokenizer, examples: Sequence[QAExample], max_source_length: int, max_target_length: int, max_answer_length: int, decoder_start_id: int
+) -> dict[str, np.ndarray]:
+    """Seq2seq features of question generation: source `[CLS] answer [SEP] passage window [SEP]`,
+    target `[CLS] question [SEP]`.
+
+    The answer comes first, cut to `max_answer_length` pieces, so that truncation never loses it; the
+    passage window is centred on the answer's occurrence (its first answer's `answer_starts`), so the
+    sentence it sits in survives a passage longer than the source. This is BERT's pair layout, and
+    needs no new token: a highlight marker would be a piece the pretrained vocabulary lacks.
+
+    Arrays ([N, max_source_length] and [N, max_target_length], int32) as the seq2seq pretraining
+    batches have them (bertjax.data.noising.Noiser.collate): input_ids, attention_mask,
+    decoder_input_ids (the target shifted right after `decoder_start_id`), decoder_attention_mask,
+    labels (the target) and label_weights (1 on the target's tokens). An example without a located
+    answer (answer_starts -1, or none) gets the whole passage from its start and an empty answer.
+    """
+    if max_source_length < 8 or max_target_length < 3:
+        raise TaskDataError(f"config data.max_seq_length={max_source_length}, data.max_target_length={max_target_length}: too short for a passage or a question")
+    parts = []
+    for example in examples:
+        located = bool(example.answers) and example.answer_starts[0] >= 0
+        start = example.answer_starts[0] if located else 0
+        end = start + len(example.answers[0]) if located else 0
+        parts += [example.answers[0] if example.answers else "", example.context[:start], example.context[start:end], example.context[end:], example.question]
+    pieces = tokenizer.encode_many(parts)
+    count = len(examples)
+    arrays = {"input_ids": np.full((count, max_source_length), tokenizer.pad_id, np.int32), "attention_mask": np.zeros((count, max_source_length), np.int32)}
+    target = np.full((count, max_target_length), tokenizer.pad_id, np.int32)
+    target_length = np.zeros(count, np.int64)
+    for row in range(count):
+        answer, left, in_passage, right, question = pieces[5 * row : 5 * row + 5]
+        answer = answer[:max_answer_length]
+        window = _answer_window(left, in_passage, right, max_source_length - 3 - len(answer))
+        source = [tokenizer.cls_id, *answer, tokenizer.sep_id, *window, tokenizer.sep_id]
+        arrays["input_ids"][row, : len(source)] = source
+        arrays["attention_mask"][row, : len(source)] = 1
+        framed = [tokenizer.cls_id, *question[: max_target_length - 2], tokenizer.sep_id]
+        target[row, : len(framed)] = framed
+        target_length[row] = len(framed)
+    label_weights = (np.arange(max_target_length)[None, :] < target_length[:, None]).astype(np.int32)
+    shifted = np.concatenate([np.full((count, 1), decoder_start_id, np.int32), target[:, :-1]], axis=1)
+    arrays.update(
+        decoder_input_ids=np.where(label_weights == 1, shifted, tokenizer.pad_id).astype(np.int32),
+        decoder_attention_mask=label_weights,
+        labels=target,
+        label_weights=label_weights,
+    )
+    return arrays

@@ -3,7 +3,9 @@
 accuracy (SST-2, MNLI, QNLI, RTE, WNLI, POS tagging), binary F1 (MRPC, QQP), Matthews correlation
 (CoLA), Pearson and Spearman correlation (STS-B) and entity-level F1 for NER with seqeval's
 (conlleval's) chunking of IOB1/IOB2/IOBES tags. SQuAD's exact match and F1 live in `squad.py`.
-`compute(names, predictions, references)` is what the fine-tuning loop calls.
+`compute(names, predictions, references)` is what the fine-tuning loop calls. Generated text
+(question generation) is scored with corpus BLEU (sacrebleu) and ROUGE-L F (rouge-score), imported
+when first used.
 """
 
 from __future__ import annotations
@@ -147,12 +149,45 @@ EXAMPLE_METRICS = {
 }
 
 
-def compute(names: Sequence[str], predictions, references, tagging: bool = False, positive=1) -> dict[str, float]:
-    """{name: value} for each metric name; `positive` is the class binary F1 scores."""
-    table = SEQUENCE_METRICS if tagging else EXAMPLE_METRICS
+def compute(names: Sequence[str], predictions, references, tagging: bool = False, positive=1, text: bool = False) -> dict[str, float]:
+    """{name: value} for each metric name; `positive` is the class binary F1 scores; `text`: the
+    predictions and references are generated and gold texts (TEXT_METRICS, defined below)."""
+    table = TEXT_METRICS if text else SEQUENCE_METRICS if tagging else EXAMPLE_METRICS
+    kind = "text " if text else "tagging " if tagging else ""
     results = {}
     for name in names:
         if name not in table:
-            raise ValueError(f"unknown {'tagging ' if tagging else ''}metric {name!r}; choose from {sorted(table)}")
+            raise ValueError(f"unknown {kind}metric {name!r}; choose from {sorted(table)}")
         results[name] = table[name](predictions, references, positive=positive) if name == "f1" else table[name](predictions, references)
     return results
+
+
+# Generated text (question generation): corpus BLEU and ROUGE-L, by the reference implementations.
+
+
+def bleu(predictions: Sequence[str], references: Sequence[str]) -> float:
+    """Corpus BLEU (0-100) of the predictions against one reference each: sacrebleu's defaults (13a
+    tokenisation, exponential smoothing), the number the field reports as `sacreBLEU`."""
+    import sacrebleu
+
+    _same_count("bleu", predictions, references)
+    return float(sacrebleu.corpus_bleu(list(predictions), [list(references)]).score)
+
+
+def rouge_l(predictions: Sequence[str], references: Sequence[str]) -> float:
+    """ROUGE-L F-measure (0-1), the mean over examples, by Google's rouge-score (its default
+    tokenisation, no stemming): the longest common subsequence of words."""
+    from rouge_score import rouge_scorer
+
+    _same_count("rougeL", predictions, references)
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    scores = [scorer.score(reference, prediction)["rougeL"].fmeasure for prediction, reference in zip(predictions, references)]
+    return float(np.mean(scores)) if scores else 0.0
+
+
+def _same_count(name: str, predictions, references) -> None:
+    if len(predictions) != len(references):
+        raise ValueError(f"{name}: {len(predictions)} predictions for {len(references)} references")
+
+
+TEXT_METRICS = {"bleu": bleu, "rougeL": rouge_l}

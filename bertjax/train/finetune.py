@@ -27,6 +27,14 @@ Regimes (config.finetune.regime): 'full' trains everything; 'freeze_bottom' free
 and the lowest `freeze_layers` layers; 'features' freezes the encoder and trains a new head on
 `finetune.features` ('last', 'sum_last4', 'concat_last4', 'scalar_mix'). Frozen parameters get no
 update and no optimizer state (`optim.create(frozen=...)`).
+
+Family 'seq2seq' (question generation, `configs/finetune.py:xquad_qg`): an encoder-decoder
+(`bertjax.models.Seq2Seq`, from scratch or from a seq2seq pretraining run) reads the answer and its
+passage and is trained on the question with the pretraining's token cross-entropy
+(`pretrain.loss_sums`, `train.label_smoothing`); it is scored on questions it generates
+(`config.generation`: greedy or beam search, `bertjax.models.generate`) with BLEU and ROUGE-L.
+`data.passage_split` (train and dev fractions, the rest held out) cuts one SQuAD file by passage
+(`tasks.split_by_passage`), so no passage is in two parts. Only the 'full' regime applies.
 """
 
 from __future__ import annotations
@@ -53,8 +61,9 @@ from bertjax.data import tasks
 from bertjax.data import tokenizer as tokenizer_lib
 from bertjax.eval import metrics as metrics_lib
 from bertjax.eval import per_example, squad
+from bertjax.models import generate as generate_lib
 from bertjax.models.heads import BertForTask
-from bertjax.train import optim, partitioning
+from bertjax.train import optim, partitioning, pretrain
 from bertjax.train import metrics as writers
 from bertjax.train import state as state_lib
 from bertjax.train import workdir as workdir_lib
@@ -68,7 +77,19 @@ DEV_SPLIT_SEED = 0  # the same dev/held-out split for every run, arm and seed
 # What the model and the loss read from a batch; the rest of the features (offsets, word positions)
 # stay on the host for decoding.
 MODEL_INPUTS = ("input_ids", "token_type_ids", "attention_mask")
-TARGETS = {"single": ("label",), "pair": ("label",), "tagging": ("tag_ids",), "span": ("start_position", "end_position")}
+TARGETS = {
+    "single": ("label",),
+    "pair": ("label",),
+    "tagging": ("tag_ids",),
+    "span": ("start_position", "end_position"),
+    "seq2seq": ("decoder_input_ids", "decoder_attention_mask", "labels", "label_weights"),
+}
+SEQ2SEQ_INPUTS = ("input_ids", "attention_mask")  # the encoder-decoder has no segment ids
+
+
+def batch_keys(family: str) -> tuple[str, ...]:
+    """What a training batch of the family holds: the model's inputs and the loss's targets."""
+    return (SEQ2SEQ_INPUTS if family == "seq2seq" else MODEL_INPUTS) + TARGETS[family]
 
 
 def seed_list(seeds, base_seed: int) -> list[int]:
@@ -191,18 +212,24 @@ def encode(config, tokenizer, records, labels: tasks.Labels | None) -> dict[str,
         return tasks.encode_tagging(tokenizer, records, data.max_seq_length, labels)
     if family == "span":
         return tasks.encode_squad(tokenizer, records, data.max_seq_length, data.doc_stride, data.max_query_length)
+    if family == "seq2seq":
+        return tasks.encode_question_generation(
+            tokenizer, records, data.max_seq_length, data.max_target_length, data.max_answer_length, config.model.decoder_start_token_id
+        )
     if records and records[0].label is None:
         return tasks.encode_texts(tokenizer, [record.texts for record in records], data.max_seq_length)
     return tasks.encode_classification(tokenizer, records, data.max_seq_length, None if config.task.regression else labels)
 
 
 def _labels(config, train_records) -> tasks.Labels | None:
-    if config.task.family == "span" or config.task.regression:
+    if config.task.family in ("span", "seq2seq") or config.task.regression:
         return None
     return tasks.Labels.from_records(tasks.record_labels(train_records), tuple(config.task.labels))
 
 
 def num_outputs(config, labels: tasks.Labels | None) -> int:
+    if config.task.family == "seq2seq":
+        return 0  # the LM head over the vocabulary
     if config.task.family == "span":
         return 2
     return 1 if config.task.regression else len(labels)
@@ -211,7 +238,13 @@ def num_outputs(config, labels: tasks.Labels | None) -> int:
 # --------------------------------------------------------------------------------------------- model and parameters
 
 
-def build_model(config, labels: tasks.Labels | None) -> BertForTask:
+def build_model(config, labels: tasks.Labels | None) -> nn.Module:
+    if config.task.family == "seq2seq":
+        if "num_decoder_layers" not in config.model:
+            raise config_lib.ConfigError(
+                "config.task.family='seq2seq' but config.model has no decoder (no num_decoder_layers): start from configs/finetune.py:xquad_qg"
+            )
+        return models.Seq2Seq(models.Seq2SeqConfig.from_config(config.model))
     features = config.finetune.features if config.finetune.regime == "features" else None
     return BertForTask(models.BertConfig.from_config(config.model), config.task.family, num_outputs(config, labels), features)
 
@@ -234,8 +267,13 @@ def frozen_mask(params, finetune_config):
 def _load_pretrained(config, tokenizer, tokenizer_is_checkpoints: bool):
     """(model config, host params) of init_from; the checkpoint's vocabulary must fit the tokenizer."""
     source_config, params = checkpoint_io.load_params(config.init_from)
+    if ("num_decoder_layers" in source_config.model) != (config.task.family == "seq2seq"):
+        kind = "a seq2seq (encoder-decoder) run" if "num_decoder_layers" in source_config.model else "an encoder-only run"
+        raise config_lib.ConfigError(f"config.init_from={config.init_from} is {kind}; task family {config.task.family!r} needs the other kind")
     params = jax.device_get(params)
-    rows = params["encoder"]["embeddings"]["word_embeddings"]["embedding"].shape[0]
+    # The encoder-decoder shares one word-embedding table at the top of its tree.
+    table = params["word_embeddings"] if "word_embeddings" in params else params["encoder"]["embeddings"]["word_embeddings"]
+    rows = table["embedding"].shape[0]
     # A run's own tokenizer may have fewer pieces than its embedding table (a small corpus); any
     # other tokenizer must match it exactly, or ids would index the wrong rows.
     if tokenizer.vocab_size > rows or (tokenizer.vocab_size != rows and not tokenizer_is_checkpoints):
@@ -243,6 +281,18 @@ def _load_pretrained(config, tokenizer, tokenizer_is_checkpoints: bool):
             f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} pieces but checkpoint {config.init_from} has a vocabulary of {rows}"
         )
     return source_config.model, params
+
+
+def _token_ids(tokenizer) -> dict:
+    """The seq2seq model's token ids for `tokenizer`, as pretraining frames them (configs/seq2seq.py):
+    the target is [CLS] text [SEP] and the decoder starts from [SEP]."""
+    return dict(pad_token_id=tokenizer.pad_id, bos_token_id=tokenizer.cls_id, eos_token_id=tokenizer.sep_id, decoder_start_token_id=tokenizer.sep_id)
+
+
+def _check_token_ids(config, tokenizer) -> None:
+    for key, value in _token_ids(tokenizer).items():
+        if config.model[key] != value:
+            raise config_lib.ConfigError(f"config.init_from={config.init_from}: its model.{key}={config.model[key]} but tokenizer {tokenizer.path} gives {value}")
 
 
 def _with_pretrained(params, pretrained):
@@ -278,6 +328,16 @@ def task_loss(config, logits: jax.Array, batch: dict) -> jax.Array:
     return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]))
 
 
+def batch_loss(config, model, params, batch: dict, dropout_rng) -> jax.Array:
+    """The training loss of one batch: the task head's, or (seq2seq) the decoder's token cross-entropy
+    as seq2seq pretraining computes it, averaged over the target tokens."""
+    if config.task.family == "seq2seq":
+        sums = pretrain.loss_sums(model, params, batch, False, dropout_rng, config.train.get("label_smoothing", 0.0))
+        return sums["token_loss"] / jnp.maximum(sums["token_weight"], 1.0)
+    logits = model.apply({"params": params}, *(batch[name] for name in MODEL_INPUTS), deterministic=False, rngs={"dropout": dropout_rng})
+    return task_loss(config, logits, batch)
+
+
 def decode(config, labels: tasks.Labels | None, split: Split, logits: np.ndarray) -> list:
     """Predictions as the task's own values: label strings, scores, tag lists, or answer texts."""
     family = config.task.family
@@ -310,6 +370,8 @@ def decode(config, labels: tasks.Labels | None, split: Split, logits: np.ndarray
 def score(config, predictions: list, records: list) -> dict[str, float]:
     """The config's metrics of the predictions against the records' gold values."""
     family, names = config.task.family, list(config.task.metrics)
+    if family == "seq2seq":
+        return metrics_lib.compute(names, predictions, [record.question for record in records], text=True)
     if family == "span":
         scores = squad.evaluate({record.qid: answer for record, answer in zip(records, predictions)}, {record.qid: record.answers for record in records})
         return {name: scores[name] for name in names}
@@ -348,6 +410,40 @@ def _logits_fn(model):
         return model.apply({"params": params}, *(batch[name] for name in MODEL_INPUTS), deterministic=True)
 
     return logits
+
+
+def generated_texts(config, model, tokenizer, params, features: dict) -> list[str]:
+    """The text the seq2seq model generates for every source row (config.generation: greedy when
+    num_beams is 1, else beam search), in batches of train.eval_batch_size (the last one filled with
+    copies of its first row: one compilation). Special tokens are dropped and the text ends at EOS."""
+    batch_size, settings, eos_id = config.train.eval_batch_size, config.generation, config.model.eos_token_id
+    count = len(features["input_ids"])
+    texts = []
+    for begin in range(0, count, batch_size):
+        rows = np.arange(begin, begin + batch_size)
+        rows = np.where(rows < count, rows, begin)
+        tokens = generate_lib.generate(
+            model,
+            {"params": params},
+            features["input_ids"][rows],
+            features["attention_mask"][rows],
+            num_beams=settings.num_beams,
+            max_length=settings.max_length,
+            length_penalty=settings.length_penalty,
+        )
+        for ids in tokens[: min(batch_size, count - begin)]:
+            ids = [int(i) for i in ids[1:]]  # after the decoder start token
+            ids = ids[: ids.index(eos_id)] if eos_id in ids else ids
+            texts.append(tokenizer.decode([i for i in ids if not tokenizer.is_special[i]]))
+    return texts
+
+
+def predictions_fn(config, model, labels: tasks.Labels | None, tokenizer, placement: Placement):
+    """(params, split) -> the task's predictions: decoded logits, or generated text (seq2seq)."""
+    if config.task.family == "seq2seq":
+        return lambda params, split: generated_texts(config, model, tokenizer, params, split.features)
+    logits_fn = _logits_fn(model)
+    return lambda params, split: decode(config, labels, split, all_logits(logits_fn, params, split.features, config.train.eval_batch_size, placement))
 
 
 def all_logits(logits_fn, params, features: dict, batch_size: int, placement: Placement) -> np.ndarray:
@@ -409,18 +505,16 @@ def make_train_step(config, model, tx, spec, placement: Placement):
     """The jitted step (state, batch, dropout key) -> (state, loss); the state is donated."""
 
     def train_step(state, batch, dropout_rng):
-        def loss_fn(params):
-            logits = model.apply({"params": params}, *(batch[name] for name in MODEL_INPUTS), deterministic=False, rngs={"dropout": dropout_rng})
-            return task_loss(config, logits, batch)
-
-        loss, grads = jax.value_and_grad(loss_fn)(state.params)
+        loss, grads = jax.value_and_grad(lambda params: batch_loss(config, model, params, batch, dropout_rng))(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state), loss
 
     return jax.jit(train_step, donate_argnums=0, out_shardings=(spec.shardings, partitioning.replicated(placement.mesh)))
 
 
-def _train_seed(config, seed: int, seed_dir: pathlib.Path, model, labels, train: Split, dev: Split, heldout: Split | None, other_dev: dict, baseline, pretrained, placement) -> dict:
+def _train_seed(
+    config, seed: int, seed_dir: pathlib.Path, model, labels, train: Split, dev: Split, heldout: Split | None, other_dev: dict, baseline, pretrained, placement, tokenizer
+) -> dict:
     if len(train) < config.train.batch_size:
         raise ValueError(f"{config.data.train}: {len(train)} training examples, fewer than train.batch_size={config.train.batch_size}")
     batch_size, eval_batch_size = config.train.batch_size, config.train.eval_batch_size
@@ -431,11 +525,8 @@ def _train_seed(config, seed: int, seed_dir: pathlib.Path, model, labels, train:
 
     state, spec, tx, schedule = create_state(config, model, seed, total_steps, placement, pretrained)
     train_step = make_train_step(config, model, tx, spec, placement)
-    keys = MODEL_INPUTS + TARGETS[config.task.family]
-    logits_fn = _logits_fn(model)
-
-    def predictions(params, split: Split) -> list:
-        return decode(config, labels, split, all_logits(logits_fn, params, split.features, eval_batch_size, placement))
+    keys = batch_keys(config.task.family)
+    predictions = predictions_fn(config, model, labels, tokenizer, placement)
 
     def evaluate(params, split: Split) -> dict:
         return score(config, predictions(params, split), split.records)
@@ -478,7 +569,12 @@ def _train_seed(config, seed: int, seed_dir: pathlib.Path, model, labels, train:
         test_predictions = predictions(params, heldout)
         result["test"] = score(config, test_predictions, heldout.records)
         classes = labels.names if labels is not None else None
-        result["heldout_examples"] = per_example.statistics(config.task.family, config.task.regression, test_predictions, _gold(config, heldout.records), classes)
+        # Generated text gets no per-example counts (as span answers get none): sweep collect compares no examples.
+        result["heldout_examples"] = (
+            None
+            if config.task.family == "seq2seq"
+            else per_example.statistics(config.task.family, config.task.regression, test_predictions, _gold(config, heldout.records), classes)
+        )
         log.info("seed %d: held-out %s at dev-selected step %d", seed, json.dumps({k: round(v, 4) for k, v in result["test"].items()}), best["step"])
     for name, split in other_dev.items():
         dev_metrics.update({f"{name}/{metric}": value for metric, value in evaluate(params, split).items()})
@@ -514,12 +610,20 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
         raise config_lib.ConfigError(f"config.task.family={family!r}: choose one of {sorted(TARGETS)}")
     seeds = seed_list(config.seeds, config.train.seed)
 
+    if family == "seq2seq" and config.finetune.regime != "full":
+        raise config_lib.ConfigError(f"config.finetune.regime={config.finetune.regime!r}: the seq2seq family trains every parameter ('full')")
+
     # Data (records) and tokenizer.
-    train_records = _subset(tasks.read(config.data.train, config.data, family, "train"), config.data.max_train_examples, config.train.seed)
-    dev_records = _subset(tasks.read(config.data.dev, config.data, family, "validation"), config.data.max_dev_examples, config.train.seed)
-    heldout_records = None
-    if config.data.test:
-        heldout_records = _subset(tasks.read(config.data.test, config.data, family, "test"), config.data.max_test_examples, config.train.seed)
+    if config.data.get("passage_split"):
+        parts = _passage_split(config, family)
+        limits = (config.data.max_train_examples, config.data.max_dev_examples, config.data.max_test_examples)
+        train_records, dev_records, heldout_records = (_subset(part, limit, config.train.seed) for part, limit in zip(parts, limits))
+    else:
+        train_records = _subset(tasks.read(config.data.train, config.data, family, "train"), config.data.max_train_examples, config.train.seed)
+        dev_records = _subset(tasks.read(config.data.dev, config.data, family, "validation"), config.data.max_dev_examples, config.train.seed)
+        heldout_records = None
+        if config.data.test:
+            heldout_records = _subset(tasks.read(config.data.test, config.data, family, "test"), config.data.max_test_examples, config.train.seed)
     other_records = {name: tasks.read(path, config.data, family, "validation") for name, path in config.data.other_dev.items()}
     tokenizer, tokenizer_is_checkpoints = _tokenizer(config, workdir, train_records)
 
@@ -529,14 +633,18 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
         if config.init_from:
             model_config, pretrained = _load_pretrained(config, tokenizer, tokenizer_is_checkpoints)
             config.model = ml_collections.ConfigDict(model_config.to_dict())
+            if family == "seq2seq":
+                _check_token_ids(config, tokenizer)
         else:
             log.warning(
-                "\n%s\nNO config.init_from: fine-tuning a RANDOMLY INITIALISED encoder (%s). Results measure the task, not pretraining.\n%s",
+                "\n%s\nNO config.init_from: fine-tuning a RANDOMLY INITIALISED model (%s). Results measure the task, not pretraining.\n%s",
                 "!" * 100,
                 config.model.get("size", "custom size"),
                 "!" * 100,
             )
             config.model.vocab_size = tokenizer.vocab_size
+            if family == "seq2seq":
+                config.model.update(_token_ids(tokenizer))
     config_lib.validate(config)
 
     # Features.
@@ -555,7 +663,7 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
     majority = majority_predictions(config, labels, trainable, dev_records)
     baseline = None if majority is None else score(config, majority, dev_records)
     other_dev = {name: Split(records, encode(config, tokenizer, records, labels)) for name, records in other_records.items()}
-    held = f", {len(heldout)} held-out ({'data.test' if config.data.test else 'data.dev_split'})" if heldout is not None else ", no held-out set"
+    held = f", {len(heldout)} held-out ({_heldout_source(config)})" if heldout is not None else ", no held-out set"
     log.info("%s: %d train and %d dev features%s (%s, %s regime)", config.task.name, len(train), len(dev), held, family, config.finetune.regime)
     (workdir / "config.json").write_text(config_lib.to_json(config) + "\n")
 
@@ -569,7 +677,7 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
             log.info("seed %d finished before: %s", seed, seed_dir / SEED_RESULT_FILE)
             runs.append(json.loads((seed_dir / SEED_RESULT_FILE).read_text()))
             continue
-        runs.append(_train_seed(config, seed, seed_dir, model, labels, train, dev, heldout, other_dev, baseline, pretrained, placement))
+        runs.append(_train_seed(config, seed, seed_dir, model, labels, train, dev, heldout, other_dev, baseline, pretrained, placement, tokenizer))
 
     # The spread over seeds.
     results = {
@@ -581,7 +689,7 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
         "primary_metric": config.task.metrics[0],
         "seeds": seeds,
         "best_step": {str(run["seed"]): run["best_step"] for run in runs},
-        "heldout": "data.test" if config.data.test else ("data.dev_split" if config.data.dev_split else None),
+        "heldout": _heldout_source(config),
         "baseline": baseline,
         "failed_seeds": [run["seed"] for run in runs if run.get("failed")],
         "per_seed": runs,
@@ -597,6 +705,24 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
     failed = f"; {len(results['failed_seeds'])} failed seed(s): {results['failed_seeds']}" if results["failed_seeds"] else ""
     log.info("%s over %d seed(s): %s%s; %s", config.task.name, len(seeds), summary, failed, workdir / RESULTS_FILE)
     return results
+
+
+def _heldout_source(config) -> str | None:
+    """Where the held-out examples come from (results.json's `heldout`)."""
+    if config.data.get("passage_split"):
+        return "data.passage_split"
+    return "data.test" if config.data.test else ("data.dev_split" if config.data.dev_split else None)
+
+
+def _passage_split(config, family: str) -> list[list]:
+    """(train, dev, held-out) records of the one SQuAD file data.train, cut by passage."""
+    fractions = tuple(config.data.passage_split)
+    if config.data.format != "squad" or len(fractions) != 2:
+        raise config_lib.ConfigError(
+            f"config.data.passage_split={fractions} (data.format={config.data.format!r}): give the (train, dev) fractions of passages of a SQuAD file; the rest is held out"
+        )
+    records = tasks.read(config.data.train, config.data, family, "train")
+    return tasks.split_by_passage(records, fractions, config.data.passage_split_seed)
 
 
 def _summaries(runs: list[dict], key: str) -> dict:
@@ -623,6 +749,11 @@ def _parse_line(family: str, line: str, number: int):
         if not tab:
             raise ValueError(f"{where}: QA input is question TAB passage")
         return tasks.QAExample(str(number), question, passage, (), (), where)
+    if family == "seq2seq":
+        answer, tab, passage = line.partition("\t")
+        if not tab:
+            raise tasks.TaskDataError(f"{where}: question generation input is answer TAB passage")
+        return tasks.QAExample(str(number), "", passage, (answer,), (passage.find(answer),), where)
     texts = tuple(line.split("\t"))
     if len(texts) != (2 if family == "pair" else 1):
         raise ValueError(f"{where}: a {family} task takes {'two texts separated by a tab' if family == 'pair' else 'one text (no tab)'}")
@@ -649,8 +780,9 @@ def _chunks(lines: Iterable[str], size: int) -> Iterator[list[tuple[int, str]]]:
 
 def predict(workdir, lines: Iterable[str]) -> Iterator[str]:
     """One prediction per input line, with the best seed's best parameters: the label, the score
-    (regression), the space-separated tags (tagging; input = whitespace-separated words) or the
-    answer text (QA; input = question TAB passage)."""
+    (regression), the space-separated tags (tagging; input = whitespace-separated words), the
+    answer text (QA; input = question TAB passage) or the generated question (seq2seq; input =
+    answer TAB passage)."""
     workdir = pathlib.Path(workdir).expanduser().absolute()
     if not (workdir / RESULTS_FILE).exists():
         raise errors.MissingInputError(f"{workdir / RESULTS_FILE} does not exist: {workdir} is not a finished fine-tuning run")
@@ -666,13 +798,12 @@ def predict(workdir, lines: Iterable[str]) -> Iterator[str]:
     abstract = jax.tree.map(lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding), nn.meta.unbox(boxed), shardings)
     _, params = checkpoint_io.load_params(str(seed_dir), abstract)
 
-    logits_fn = _logits_fn(model)
+    predictions = predictions_fn(config, model, labels, tokenizer, placement)
     family = config.task.family
     for chunk in _chunks(lines, config.train.eval_batch_size):
         records = [_parse_line(family, line, number) for number, line in chunk]
         split = Split(records, encode(config, tokenizer, records, labels))
-        logits = all_logits(logits_fn, params, split.features, config.train.eval_batch_size, placement)
-        for prediction in decode(config, labels, split, logits):
+        for prediction in predictions(params, split):
             if family == "tagging":
                 yield " ".join(prediction)
             elif config.task.regression:
