@@ -211,15 +211,24 @@ def batches(config, split: str = "train", process_index: int | None = None, proc
     count = len(table)
     if split == "train":
         dataset = grain.MapDataset.range(count).shuffle(seed=data.seed).repeat()
-        dataset = dataset.map_with_index(lambda step, instance: np.array([instance, step // count], np.int64))
     else:
         global_batch = batch_size * process_count
         padded = -(-count // global_batch) * global_batch
         if padded != count:
             log.info("eval: %d instances; the last batch repeats the first %d to keep its shape", count, padded - count)
-        dataset = grain.MapDataset.range(padded).map(lambda i: np.array([i % count, 0], np.int64))
+        dataset = grain.MapDataset.range(padded)
     dataset = dataset[process_index::process_count]
-    dataset = dataset.batch(batch_size, drop_remainder=True, batch_fn=np.stack).map(build)
+    # Each instance is tagged with its epoch a batch at a time (one numpy expression, not a Python call per
+    # instance): the k-th instance of this process's b-th batch is at global position
+    # (b * batch_size + k) * process_count + process_index of the shuffled, repeated stream.
+    positions = np.arange(batch_size, dtype=np.int64) * process_count + process_index
+    if split == "train":
+        def tag(number: int, ids: np.ndarray) -> np.ndarray:
+            return np.stack([ids, (number * batch_size * process_count + positions) // count], 1)
+    else:
+        def tag(number: int, ids: np.ndarray) -> np.ndarray:
+            return np.stack([ids % count, np.zeros_like(ids)], 1)
+    dataset = dataset.batch(batch_size, drop_remainder=True, batch_fn=lambda ids: np.array(ids, np.int64)).map_with_index(tag).map(build)
     # With READ_THREADS > 1 grain keeps the batches' order, so the stream is the same for any number.
     threads = min(READ_THREADS, os.cpu_count() or 1)
     iter_dataset = dataset.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(data.prefetch, threads)))
