@@ -214,7 +214,8 @@ def predict(argv):
     parser = _ArgumentParser(
         prog="bertjax predict",
         description="Predict with a fine-tuned workdir: one input per line (tab between the texts of a pair; "
-        "for QA, question TAB passage); writes the label, the tags or the answer per line.",
+        "for QA, question TAB passage; for question generation, answer TAB passage); writes the label, the tags, "
+        "the answer or the question per line.",
     )
     parser.add_argument("--workdir", required=True, help="A fine-tuning workdir (holds config.json and checkpoints).")
     parser.add_argument("--input", default="-", help="Input file; '-' (the default) reads stdin.")
