@@ -224,6 +224,18 @@ def make_train_step(model, tx, schedule, config):
     return train_step
 
 
+def jit_train_step(model, tx, schedule, config, mesh, rule_table, state_spec: state_lib.StateSpec):
+    """`make_train_step` as the loop runs it (and experiments/seq2seq_train_speed times it): jitted with the
+    state's shardings in and out, the batch split over the data axes, the old state donated."""
+    batch_shardings = {key: partitioning.batch_sharding(mesh, rule_table, 1 if key == "sentence_label" else 2) for key in batch_keys(config)}
+    return jax.jit(
+        make_train_step(model, tx, schedule, config),
+        in_shardings=(state_spec.shardings, batch_shardings),
+        out_shardings=(state_spec.shardings, partitioning.replicated(mesh)),
+        donate_argnums=0,
+    )
+
+
 def make_eval_step(model, config):
     label_smoothing = config.train.get("label_smoothing", 0.0)
 
@@ -365,13 +377,7 @@ def _train(config, workdir: pathlib.Path) -> dict:
     state, state_spec = state_lib.create(model, tx, config.train.seed, seq_len, mesh, rule_table)
 
     # --- Step
-    batch_shardings = {key: partitioning.batch_sharding(mesh, rule_table, 1 if key == "sentence_label" else 2) for key in batch_keys(config)}
-    train_step = jax.jit(
-        make_train_step(model, tx, schedule, config),
-        in_shardings=(state_spec.shardings, batch_shardings),
-        out_shardings=(state_spec.shardings, partitioning.replicated(mesh)),
-        donate_argnums=0,
-    )
+    train_step = jit_train_step(model, tx, schedule, config, mesh, rule_table, state_spec)
     eval_step = jax.jit(make_eval_step(model, config), out_shardings=partitioning.replicated(mesh))
 
     # --- Checkpoint

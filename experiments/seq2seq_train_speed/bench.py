@@ -1,0 +1,219 @@
+"""Seq2seq training speed: bertjax's pretraining step vs HuggingFace BART's, steps per second, same shapes and batch.
+
+    python experiments/seq2seq_train_speed/bench.py                      # tiny and small
+    python experiments/seq2seq_train_speed/bench.py --sizes tiny --rounds 9
+
+One full training step on each side: forward, backward and the AdamW update, dropout on (0.1 on the
+hidden states and the attention probabilities, as configs/seq2seq.py and BART). bertjax runs the
+trainer's own step (`bertjax.train.pretrain.jit_train_step`: jitted with its shardings, the state donated,
+the loss of `loss_sums`, gradient clipping, the decay mask and the warm-up schedule of `optim.create`)
+on the model and state `train_and_evaluate` builds from `configs/seq2seq.py:SIZE`. HuggingFace runs
+`BartForConditionalGeneration` with the same config (`bertjax.convert.hf.bart_hf_config_from`: same
+layers, widths, vocabulary, positions, dropout, LayerNorm epsilon), its loss from `labels`, then
+`clip_grad_norm_`, `torch.optim.AdamW` (same lr, betas, eps, weight decay off for biases and LayerNorms)
+and the same linear warm-up; eager PyTorch, as `transformers`' Trainer runs it by default.
+
+The batch is the seq2seq batch contract of `bertjax.data.noising` at the config's batch size and
+max_seq_length (32 x 128): random token ids, targets of full length for most rows (pretraining chunks
+fill the sequence) and a shorter one every eighth row, sources at ~80% of their target's length (text
+infilling at 30% shrinks the source); the same arrays on both sides, padding included.
+
+The two sides alternate: each round times `--steps` steps of one, then of the other (which goes first
+alternates), so that both see the same background load; the median per-step time over the rounds is
+kept. Compilation (bertjax) and one warm-up step (both) come before. Both sides get the same number
+of CPU threads (`--threads`, 1 by default: the XLA flags this repository runs JAX with,
+--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1, and torch.set_num_threads).
+Prints one JSON line per size and a table; the ratio is bertjax steps/s over HF steps/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import numpy as np
+
+
+def batch_arrays(config, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """A seq2seq batch (noising.Noiser's contract) of random ids with realistic lengths."""
+    batch, length = config.train.batch_size, config.data.max_seq_length
+    pad, bos, eos, start = config.model.pad_token_id, config.model.bos_token_id, config.model.eos_token_id, config.model.decoder_start_token_id
+    target_length = np.where(np.arange(batch) % 8 == 7, length // 2, length)
+    source_length = np.maximum((0.8 * target_length).astype(int), 3)
+    position = np.arange(length)[None, :]
+
+    def framed(lengths):
+        ids = rng.integers(5, config.model.vocab_size, (batch, length)).astype(np.int32)
+        ids[:, 0] = bos
+        ids[np.arange(batch), lengths - 1] = eos
+        return np.where(position < lengths[:, None], ids, pad).astype(np.int32)
+
+    labels = framed(target_length)
+    label_weights = (position < target_length[:, None]).astype(np.int32)
+    decoder_input_ids = np.concatenate([np.full((batch, 1), start, np.int32), labels[:, :-1]], axis=1)
+    return dict(
+        input_ids=framed(source_length),
+        attention_mask=(position < source_length[:, None]).astype(np.int32),
+        decoder_input_ids=np.where(label_weights == 1, decoder_input_ids, pad).astype(np.int32),
+        decoder_attention_mask=label_weights,
+        labels=labels,
+        label_weights=label_weights,
+    )
+
+
+def bertjax_step(config, batch: dict):
+    """A function that takes one training step of the trainer's own jitted step (compiled and warmed up)."""
+    import jax
+
+    from bertjax import models
+    from bertjax.train import optim, partitioning, pretrain
+    from bertjax.train import state as state_lib
+
+    total_steps, seq_len = config.train.total_steps, config.data.max_seq_length
+    mesh, rule_table = partitioning.make_mesh(config.mesh), partitioning.rules(config.mesh)
+    model = models.Seq2Seq(models.Seq2SeqConfig.from_config(config.model))
+    schedule = optim.learning_rate_schedule(config.optim, total_steps)
+    tx = optim.create(config.optim, total_steps, state_lib.abstract_params(model, seq_len))
+    state, state_spec = state_lib.create(model, tx, config.train.seed, seq_len, mesh, rule_table)
+    train_step = pretrain.jit_train_step(model, tx, schedule, config, mesh, rule_table, state_spec)
+    global_batch = partitioning.global_batch(batch, mesh, rule_table)
+    holder = {"state": state}
+
+    def step():
+        holder["state"], metrics = train_step(holder["state"], global_batch)
+        jax.block_until_ready(metrics)
+        return float(metrics["loss"])
+
+    start = time.perf_counter()
+    step()
+    return step, time.perf_counter() - start
+
+
+def transformers_step(config, batch: dict):
+    """A function that takes one eager PyTorch training step of BartForConditionalGeneration (warmed up)."""
+    import torch
+    import transformers
+
+    from bertjax import models
+    from bertjax.convert import hf
+
+    torch.manual_seed(config.train.seed)
+    hf_config = transformers.BartConfig(**hf.bart_hf_config_from(models.Seq2SeqConfig.from_config(config.model)))
+    model = transformers.BartForConditionalGeneration(hf_config).train()
+    optim_config = config.optim
+    decayed, not_decayed = [], []
+    for name, parameter in model.named_parameters():
+        (not_decayed if name.endswith("bias") or "layer_norm" in name or "layernorm" in name else decayed).append(parameter)
+    optimizer = torch.optim.AdamW(
+        [{"params": decayed, "weight_decay": optim_config.weight_decay}, {"params": not_decayed, "weight_decay": 0.0}],
+        lr=optim_config.lr, betas=(optim_config.b1, optim_config.b2), eps=optim_config.eps,
+    )
+    warmup, total = optim_config.warmup_steps, config.train.total_steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: step / warmup if step < warmup else max(0.0, (total - step) / max(total - warmup, 1))
+    )
+    tensors = {key: torch.tensor(batch[key], dtype=torch.long) for key in ("input_ids", "attention_mask", "decoder_input_ids", "decoder_attention_mask")}
+    labels = torch.tensor(np.where(batch["label_weights"] == 1, batch["labels"], -100), dtype=torch.long)
+
+    def step():
+        loss = model(**tensors, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), optim_config.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+    start = time.perf_counter()
+    step()
+    return step, time.perf_counter() - start
+
+
+def measure(size: str, args) -> dict:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("seq2seq_config", os.path.join(os.path.dirname(__file__), "..", "..", "configs", "seq2seq.py"))
+    configs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(configs)
+    config = configs.get_config(size)
+    if args.batch:
+        config.train.batch_size = args.batch
+    if args.length:
+        config.data.max_seq_length = args.length
+    batch = batch_arrays(config, np.random.default_rng(0))
+    sides = {}
+    sides["bertjax"], bertjax_compile_s = bertjax_step(config, batch)
+    sides["transformers"], _ = transformers_step(config, batch)
+    times = {name: [] for name in sides}
+    cpu_times = {name: [] for name in sides}
+    losses = {name: [] for name in sides}
+    for round_index in range(args.rounds):
+        order = list(sides) if round_index % 2 == 0 else list(sides)[::-1]
+        for name in order:
+            start, cpu_start = time.perf_counter(), time.process_time()
+            for _ in range(args.steps):
+                losses[name].append(sides[name]())
+            times[name].append((time.perf_counter() - start) / args.steps)
+            cpu_times[name].append((time.process_time() - cpu_start) / args.steps)
+    row = {
+        "size": size,
+        "batch": config.train.batch_size,
+        "source_length": config.data.max_seq_length,
+        "target_length": config.data.max_seq_length,
+        "bertjax_step_s": statistics.median(times["bertjax"]),
+        "transformers_step_s": statistics.median(times["transformers"]),
+        "bertjax_step_s_all": [round(t, 4) for t in times["bertjax"]],
+        "transformers_step_s_all": [round(t, 4) for t in times["transformers"]],
+        "bertjax_cpu_s": statistics.median(cpu_times["bertjax"]),
+        "transformers_cpu_s": statistics.median(cpu_times["transformers"]),
+        "bertjax_compile_s": round(bertjax_compile_s, 2),
+        "bertjax_first_loss": losses["bertjax"][0],
+        "transformers_first_loss": losses["transformers"][0],
+    }
+    row["ratio"] = row["transformers_step_s"] / row["bertjax_step_s"]
+    row["cpu_ratio"] = row["transformers_cpu_s"] / row["bertjax_cpu_s"]
+    return row
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", nargs="+", default=["tiny", "small"], choices=["tiny", "small", "base"])
+    parser.add_argument("--rounds", type=int, default=5, help="alternating rounds; the median round is kept")
+    parser.add_argument("--steps", type=int, default=2, help="steps per side per round")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads for each side")
+    parser.add_argument("--batch", type=int, default=0, help="override config.train.batch_size")
+    parser.add_argument("--length", type=int, default=0, help="override config.data.max_seq_length")
+    args = parser.parse_args(argv)
+
+    threaded = "true" if args.threads > 1 else "false"
+    os.environ["XLA_FLAGS"] = f"--xla_cpu_multi_thread_eigen={threaded} intra_op_parallelism_threads={args.threads}"
+    import jax
+    import torch
+    import transformers
+
+    torch.set_num_threads(args.threads)
+    rows = []
+    for size in args.sizes:
+        row = measure(size, args)
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    print(
+        f"\njax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__} ({torch.get_num_threads()} threads), "
+        f"transformers {transformers.__version__}; load average {os.getloadavg()[0]:.1f}"
+    )
+    print("| size | batch x length | bertjax steps/s | transformers steps/s | ratio | CPU s/step bertjax | CPU s/step transformers | CPU ratio | bertjax compile (s) |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    for row in rows:
+        print(
+            f"| {row['size']} | {row['batch']} x {row['source_length']} | {1 / row['bertjax_step_s']:.3f} | "
+            f"{1 / row['transformers_step_s']:.3f} | **{row['ratio']:.2f}x** | {row['bertjax_cpu_s']:.2f} | "
+            f"{row['transformers_cpu_s']:.2f} | **{row['cpu_ratio']:.2f}x** | {row['bertjax_compile_s']:.1f} |"
+        )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
