@@ -134,7 +134,7 @@ def instance_table(documents, root, max_seq_length: int, short_seq_prob: float, 
             shutil.rmtree(scratch, ignore_errors=True)
     report = json.loads((directory / "report.json").read_text())
     dtypes = report.pop("dtypes")
-    arrays = {name: np.memmap(directory / f"{name}.bin", dtype=dtypes[name], mode="r") for name in fields}
+    arrays = {name: corpus.map_random(directory / f"{name}.bin", dtypes[name]) for name in fields}
     return pretraining.Instances(objective=objective, **arrays), report
 
 

@@ -31,6 +31,9 @@ What is measured:
     sum of the proportional set sizes (Pss) of the child's process tree sampled every 0.25 s, whichever
     is larger: with worker processes the machine holds their sum, which `ru_maxrss` (a maximum over
     single processes) would not show;
+  - peak anonymous memory: the sum of RssAnon over the child's process tree, sampled every 0.25 s: RSS
+    without the file-backed pages a process maps (the prepared token files are memory-mapped, and the
+    page-cache pages a batch touches count in RSS although they are clean, shared and reclaimable);
   - tokens: what the text holds under the fixed tokenizer, counted independently with sentencepiece at
     generation time (and checked against the pipeline's own count where its log gives one).
 
@@ -194,14 +197,26 @@ def _pss_bytes(pid: int) -> int:
     return 0
 
 
+def _anon_bytes(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 def measure(command: list[str], env: dict, log: pathlib.Path) -> dict:
     """Wall seconds and peak memory (bytes) of one fresh child running `command`; its output goes to `log`."""
-    tree_peak = [0]
+    tree_peak, anon_peak = [0], [0]
     done = threading.Event()
 
     def sample(pid):
         while not done.wait(0.25):
             tree = _descendants(pid)
+            anon_peak[0] = max(anon_peak[0], sum(map(_anon_bytes, tree)))
             if len(tree) > 1:  # one process: ru_maxrss is exact
                 tree_peak[0] = max(tree_peak[0], sum(map(_pss_bytes, tree)))
 
@@ -224,6 +239,7 @@ def measure(command: list[str], env: dict, log: pathlib.Path) -> dict:
         peak_rss=max(usage.ru_maxrss * 1024, tree_peak[0]),
         ru_maxrss=usage.ru_maxrss * 1024,
         tree_pss=tree_peak[0],
+        peak_anon=anon_peak[0],
     )
 
 
@@ -379,6 +395,7 @@ class Version:
                     f"{phase}_command_cpu_seconds_each": [r["cpu_seconds"] for r in results],
                     f"{phase}_ru_maxrss_each": [r["ru_maxrss"] for r in results],
                     f"{phase}_tree_pss_each": [r["tree_pss"] for r in results],
+                    f"{phase}_peak_anon": max(r["peak_anon"] for r in results),
                 }
             )
         row.update(
@@ -400,6 +417,11 @@ def _size(megabytes: float) -> str:
 
 def _gib(n: float) -> str:
     return f"{n / GIB:.2f}"
+
+
+def _anon(row: dict, phase: str) -> str:
+    """Peak anonymous memory (rows from before it was measured have none)."""
+    return _gib(row[f"{phase}_peak_anon"]) if row.get(f"{phase}_peak_anon") else ""
 
 
 RATIO_KEYS = (
@@ -428,13 +450,13 @@ def table(rows: list[dict]) -> str:
         lines += [
             f"**{version}** ({code})",
             "",
-            "| text | tokens | cold preparation s | (CPU s) | cold peak RSS GiB | warm start s | (CPU s) | warm peak RSS GiB | loader seq/s (128, token masking) | (per CPU s) |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "| text | tokens | cold preparation s | (CPU s) | cold peak RSS GiB | (anon) | warm start s | (CPU s) | warm peak RSS GiB | (anon) | loader seq/s (128, token masking) | (per CPU s) |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for r in sorted((r for r in rows if r["version"] == version), key=lambda r: r["megabytes"]):
             lines.append(
-                f"| {_size(r['megabytes'])} | {r['tokens'] / 1e6:.1f} M | {r['cold_seconds']:.1f} | {r['cold_cpu_seconds']:.1f} | {_gib(r['cold_peak_rss'])} | "
-                f"{r['warm_seconds']:.1f} | {r['warm_cpu_seconds']:.1f} | {_gib(r['warm_peak_rss'])} | {r['loader_sequences_per_second']:,.0f} | {_per_cpu(r)} |"
+                f"| {_size(r['megabytes'])} | {r['tokens'] / 1e6:.1f} M | {r['cold_seconds']:.1f} | {r['cold_cpu_seconds']:.1f} | {_gib(r['cold_peak_rss'])} | {_anon(r, 'cold')} | "
+                f"{r['warm_seconds']:.1f} | {r['warm_cpu_seconds']:.1f} | {_gib(r['warm_peak_rss'])} | {_anon(r, 'warm')} | {r['loader_sequences_per_second']:,.0f} | {_per_cpu(r)} |"
             )
         lines.append("")
     if len(versions) == 2:
@@ -525,6 +547,11 @@ def bars(rows: list[dict]) -> str:
         results.append((label, verdict(spread <= 1.2) + ("" if complete else " (partial: 1.3 GB not measured)"), f"max/at 80 MB = {spread:.2f}"))
     else:
         results.append(("peak RSS flat within 20% from 80 MB to 1.3 GB", "n/a", None))
+    anon = [r for r in flat if r.get("cold_peak_anon")]
+    if anon:
+        peaks = [max(r["cold_peak_anon"], r["warm_peak_anon"]) for r in anon]
+        label = f"peak anonymous memory (RSS less mapped files) flat within 20% ({_size(anon[0]['megabytes'])}..{_size(anon[-1]['megabytes'])})"
+        results.append((label, verdict(max(peaks) / peaks[0] <= 1.2), f"max/at {_size(anon[0]['megabytes'])} = {max(peaks) / peaks[0]:.2f} ({', '.join(_gib(x) for x in peaks)} GiB)"))
     if both:
         compared = peers or both
         old_rate = sum(by[("baseline", m)]["loader_sequences_per_second"] for m in compared) / len(compared)
