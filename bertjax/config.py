@@ -512,6 +512,9 @@ def ablation_config(size: str = "tiny") -> ml_collections.ConfigDict:
                 train=dict(epochs=0.0, total_steps=500, batch_size=16, eval_every=250),
                 data=dict(max_train_examples=8000, max_seq_length=64),
                 seeds=3,
+                # The fine-tuning regime of every arm (--config.sweep.finetune.finetune.regime=features: a
+                # frozen encoder, BERT's feature-based comparison).
+                finetune=dict(regime="full"),
                 # A suite spec (configs/suites.py:local) fine-tunes every arm on each of its tasks instead
                 # of sweep.task; its tasks' own settings win over the keys above.
                 suite="",

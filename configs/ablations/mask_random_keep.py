@@ -1,9 +1,10 @@
 """The 80/10/10 rule: BERT's Table 8 (mask / random / keep the chosen tokens).
 
-  bertjax sweep --config configs/ablations/mask_random_keep.py --workdir runs/mask_random_keep
+  bertjax sweep --config configs/ablations/mask_random_keep.py --workdir runs/mask_random_keep \
+      --config.sweep.finetune.suite=configs/suites.py:local --config.sweep.finetune.seeds=2
 
 BERT found 80/10/10 best for fine-tuning and 100/0/0 worst for feature-based use (the model never
-sees [MASK] at fine-tuning time).
+sees [MASK] at fine-tuning time). Measured here: experiments/mask_random_keep/README.md.
 """
 
 from bertjax import config as config_lib
