@@ -108,7 +108,7 @@ def _prepared(data_json: str, vocab_size: int | None):
 def instance_table(documents, root, max_seq_length: int, short_seq_prob: float, objective: str, seed: int, name: str):
     """`pretraining.create_instances` of a prepared split, computed once (a block at a time, written as
     it comes) and stored beside the prepared data, keyed by the split and the arguments; every start
-    maps it from disk, so a process holds only the pages of it that its batches touch."""
+    maps it from disk (all of it: about 36 bytes an instance, in the page cache, not in anonymous memory)."""
     key = corpus.cache_key([documents.key, max_seq_length, short_seq_prob, objective, seed, INSTANCE_TABLE_VERSION])
     directory = pathlib.Path(root) / "corpora" / "instances" / key
     fields = [field.name for field in dataclasses.fields(pretraining.Instances) if field.name != "objective"]
@@ -134,7 +134,7 @@ def instance_table(documents, root, max_seq_length: int, short_seq_prob: float, 
             shutil.rmtree(scratch, ignore_errors=True)
     report = json.loads((directory / "report.json").read_text())
     dtypes = report.pop("dtypes")
-    arrays = {name: corpus.map_random(directory / f"{name}.bin", dtypes[name]) for name in fields}
+    arrays = {name: corpus.map_random(directory / f"{name}.bin", dtypes[name], populate=True) for name in fields}
     return pretraining.Instances(objective=objective, **arrays), report
 
 
