@@ -186,22 +186,12 @@ def _descendants(pid: int) -> list[int]:
     return tree
 
 
-def _pss_bytes(pid: int) -> int:
+def _proc_bytes(pid: int, name: str, field: str) -> int:
+    """A kB field of /proc/PID/NAME (e.g. smaps_rollup's Pss, status's RssAnon) in bytes; 0 once the process is gone."""
     try:
-        with open(f"/proc/{pid}/smaps_rollup") as f:
+        with open(f"/proc/{pid}/{name}") as f:
             for line in f:
-                if line.startswith("Pss:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
-def _anon_bytes(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("RssAnon:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
@@ -216,9 +206,9 @@ def measure(command: list[str], env: dict, log: pathlib.Path) -> dict:
     def sample(pid):
         while not done.wait(0.25):
             tree = _descendants(pid)
-            anon_peak[0] = max(anon_peak[0], sum(map(_anon_bytes, tree)))
+            anon_peak[0] = max(anon_peak[0], sum(_proc_bytes(p, "status", "RssAnon") for p in tree))
             if len(tree) > 1:  # one process: ru_maxrss is exact
-                tree_peak[0] = max(tree_peak[0], sum(map(_pss_bytes, tree)))
+                tree_peak[0] = max(tree_peak[0], sum(_proc_bytes(p, "smaps_rollup", "Pss") for p in tree))
 
     with open(log, "w") as out:
         start = time.perf_counter()
