@@ -170,6 +170,12 @@ class Masker:
         """Whole units (single tokens, or words) in a random order, while the budget holds them."""
         batch, length = candidate.shape
         position = np.arange(length)[None, :]
+        if np.array_equal(starts, candidate):
+            # Token-level units: every candidate is a unit of one piece, chosen in the order of its own key.
+            order_key = np.where(candidate, (select * (1 << 40)).astype(np.int64) * length + position, np.iinfo(np.int64).max)
+            rank = np.empty_like(order_key)
+            np.put_along_axis(rank, np.argsort(order_key, axis=1), np.broadcast_to(np.arange(length), (batch, length)), axis=1)
+            return candidate & (rank < budget[:, None])
         # Every piece of a word shares its first piece's random key; ties are broken by position,
         # so the pieces of a word stay together in the order.
         key = np.take_along_axis(select, word_first, axis=1)
