@@ -187,10 +187,11 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=1, help="CPU threads for each side")
     parser.add_argument("--batch", type=int, default=0, help="override config.train.batch_size")
     parser.add_argument("--length", type=int, default=0, help="override config.data.max_seq_length")
+    parser.add_argument("--xla-flags", default="", help="more XLA flags for bertjax's side, e.g. --xla_cpu_use_xnnpack=true")
     args = parser.parse_args(argv)
 
     threaded = "true" if args.threads > 1 else "false"
-    os.environ["XLA_FLAGS"] = f"--xla_cpu_multi_thread_eigen={threaded} intra_op_parallelism_threads={args.threads}"
+    os.environ["XLA_FLAGS"] = f"--xla_cpu_multi_thread_eigen={threaded} intra_op_parallelism_threads={args.threads} {args.xla_flags}".strip()
     import jax
     import torch
     import transformers
