@@ -1,9 +1,12 @@
 """What does the masking rate do? 10% / 15% (BERT) / 20% / 30% / 40% (Wettig et al. 2023).
 
   bertjax sweep --config configs/ablations/masking_rate.py --workdir runs/masking_rate
+  bertjax sweep --config configs/ablations/masking_rate.py --workdir runs/masking_rate \
+      --config.sweep.finetune.suite=configs/suites.py:local --config.sweep.finetune.seeds=2   # as measured
 
 All arms see the same data order (one data seed) and are evaluated with the same fixed 15% eval
-masking, so eval/mlm_accuracy is comparable across arms; then each is fine-tuned on SST-2.
+masking, so eval/mlm_accuracy is comparable across arms; then each is fine-tuned on SST-2 (by default; with the
+suite, on SST-2, CoLA, CoNLL-2003 NER and UD POS, scored on held-out data).
 `data.max_predictions` grows with the rate (at least BERT's 20 at length 128): with a fixed cap of 20,
 every rate above 15% would mask the same ~16% of a full-length sequence.
 Measured here: experiments/masking_rate/README.md.
