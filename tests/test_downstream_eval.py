@@ -47,6 +47,35 @@ def test_per_example_statistics_reproduce_tagging_and_pearson():
     assert per_example.statistics("span", False, ["a"], [["a"]], None) is None
 
 
+def test_per_example_statistics_reproduce_corpus_bleu_and_rouge_l_on_any_resample(shared_data):
+    """Question generation's held-out texts: summed per-example statistics give sacrebleu's corpus BLEU and
+    rouge-score's ROUGE-L, on the whole set and on resamples with repeats (what the bootstrap draws), for
+    real questions against predictions from exact to empty."""
+    squad_file = shared_data / "squad-format" / "xquad.en.json"
+    questions = [qa["question"] for article in json.loads(squad_file.read_text())["data"] for paragraph in article["paragraphs"] for qa in paragraph["qas"]]
+    rng = np.random.default_rng(0)
+    gold = list(rng.choice(questions, size=120, replace=False))
+    predictions = []
+    for i, question in enumerate(gold):
+        words = question.split()
+        kind = i % 5
+        predictions.append(
+            question if kind == 0 else "" if kind == 1 else "What is the?" if kind == 2 else " ".join(words[: max(1, len(words) // 2)]) if kind == 3 else " ".join(rng.permutation(words))
+        )
+    counts = per_example.statistics("seq2seq", False, predictions, gold, None)
+    assert counts["kind"] == "text" and len(counts["rows"]) == 120
+    assert _totals_metric(counts, "bleu") == pytest.approx(metrics_lib.bleu(predictions, gold), abs=1e-9)
+    assert _totals_metric(counts, "rougeL") == pytest.approx(metrics_lib.rouge_l(predictions, gold), abs=1e-12)
+    rows = np.asarray(counts["rows"])
+    for draw in range(5):
+        picked = rng.integers(0, 120, size=60 if draw < 4 else 3)  # repeats, and a tiny resample where 4-grams may vanish
+        resampled_bleu = float(per_example.metric("text", "bleu")(rows[picked].sum(0)))
+        assert resampled_bleu == pytest.approx(metrics_lib.bleu([predictions[i] for i in picked], [gold[i] for i in picked]), abs=1e-9)
+    nothing = per_example.statistics("seq2seq", False, ["", ""], gold[:2], None)
+    assert _totals_metric(nothing, "bleu") == 0.0 == metrics_lib.bleu(["", ""], gold[:2])
+    assert per_example.metric("text", "accuracy") is None
+
+
 # ------------------------------------------------------------------------ the two-level multi-bootstrap
 
 ACCURACY = per_example.metric("tagging", "accuracy")  # totals [correct, count] -> correct / count

@@ -10,7 +10,7 @@ import pytest
 from bertjax import cli
 from bertjax.data import tasks
 from bertjax.data import tokenizer as tokenizer_lib
-from bertjax.eval import metrics
+from bertjax.eval import metrics, per_example
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +121,13 @@ def test_cli_end_to_end_on_xquad(shared_data, tmp_path, capsys):
         for name, upper in (("bleu", 100.0), ("rougeL", 1.0)):
             assert 0.0 <= results[part][name]["mean"] <= upper and math.isfinite(results[part][name]["std"])
     run = results["per_seed"][0]
-    assert run["total_steps"] == 8 and run["best_step"] in (4, 8) and run["heldout_examples"] is None
+    assert run["total_steps"] == 8 and run["best_step"] in (4, 8)
+    # Per-example statistics of the held-out questions, so that sweep collect can compare arms on them.
+    examples = run["heldout_examples"]
+    assert examples["kind"] == "text" and len(examples["rows"]) == 16
+    totals = np.asarray(examples["rows"], np.float64).sum(0)
+    for name in ("bleu", "rougeL"):
+        assert float(per_example.metric("text", name)(totals)) == pytest.approx(run["test"][name], abs=1e-9)
     assert any("eval/bleu" in line for line in (workdir / "seed_0/metrics.jsonl").read_text().splitlines())
 
     passage = "The Panthers defense gave up just 308 points, ranking sixth in the league."

@@ -10,6 +10,10 @@ and `metric(kind, name, ...)` maps totals back to the metric. A resample is then
   kind 'confusion' (classification): the example's one-hot cell of the C x C (gold, predicted) matrix
   kind 'tagging':  [correct words, words, correct entities, predicted entities, gold entities]
   kind 'moments' (regression): [x, y, x*x, y*y, x*y, 1] (Pearson; Spearman's ranks are not totals)
+  kind 'text' (generated text): [ROUGE-L F, 1, then sacrebleu's segment statistics: hypothesis length,
+      reference length, matched 1..4-grams, hypothesis 1..4-grams]. Corpus ROUGE-L is the mean of the
+      first column; corpus BLEU is sacrebleu's formula on the summed statistics (as sacrebleu itself sums
+      them), so a resample's BLEU is exact, not an average of sentence BLEUs.
 
 SQuAD (span) metrics are not covered: `statistics` returns None and no comparison is made.
 """
@@ -22,13 +26,16 @@ import numpy as np
 
 from bertjax.eval import metrics as metrics_lib
 
-METRICS = {"confusion": ("accuracy", "f1", "mcc"), "tagging": ("accuracy", "entity_f1"), "moments": ("pearson",)}
+METRICS = {"confusion": ("accuracy", "f1", "mcc"), "tagging": ("accuracy", "entity_f1"), "moments": ("pearson",), "text": ("rougeL", "bleu")}
+BLEU_ORDER = 4  # sacrebleu's default max n-gram order
 
 
 def statistics(family: str, regression: bool, predictions: Sequence, references: Sequence, classes: Sequence[str] | None) -> dict | None:
     """{'kind', 'classes', 'rows'}: one row of counts per example (JSON-ready), or None for span tasks."""
     if family == "span":
         return None
+    if family == "seq2seq":
+        return dict(kind="text", classes=None, rows=_text_rows(list(predictions), list(references)))
     if family == "tagging":
         rows = []
         for predicted, gold in zip(predictions, references):
@@ -49,6 +56,40 @@ def statistics(family: str, regression: bool, predictions: Sequence, references:
     return dict(kind="confusion", classes=list(classes), rows=rows)
 
 
+def _text_rows(predictions: list[str], references: list[str]) -> list[list[float]]:
+    from rouge_score import rouge_scorer
+    from sacrebleu.metrics import BLEU
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)  # as metrics.rouge_l
+    bleu = BLEU(effective_order=True)  # sentence scoring; the statistics are those corpus_bleu sums
+    rows = []
+    for prediction, reference in zip(predictions, references):
+        segment = bleu.sentence_score(prediction, [reference])
+        rouge = scorer.score(reference, prediction)["rougeL"].fmeasure
+        rows.append([rouge, 1.0, segment.sys_len, segment.ref_len, *segment.counts, *segment.totals])
+    return rows
+
+
+def corpus_bleu(totals: np.ndarray) -> np.ndarray:
+    """sacrebleu's corpus BLEU (0-100; exponential smoothing, order 4) from summed 'text' statistics
+    [..., 12], for any number of resamples at once (sacrebleu's `BLEU.compute_bleu`, vectorised)."""
+    totals = np.asarray(totals, np.float64)
+    sys_len, ref_len = totals[..., 2], totals[..., 3]
+    correct, total = totals[..., 4 : 4 + BLEU_ORDER], totals[..., 4 + BLEU_ORDER : 4 + 2 * BLEU_ORDER]
+    brevity = np.where(sys_len < ref_len, np.exp(1 - _ratio(ref_len, sys_len)) * (sys_len > 0), 1.0)
+    log_sum = np.zeros(sys_len.shape)
+    smooth = np.ones(sys_len.shape)
+    alive = np.ones(sys_len.shape, bool)  # sacrebleu stops at the first order with no n-grams (precision 0)
+    for n in range(BLEU_ORDER):
+        alive &= total[..., n] > 0
+        matched = correct[..., n] > 0
+        smooth = np.where(alive & ~matched, smooth * 2, smooth)
+        precision = np.where(matched, 100.0 * _ratio(correct[..., n], total[..., n]), 100.0 / (smooth * np.maximum(total[..., n], 1)))
+        log_sum += np.where(alive, np.log(np.where(alive, precision, 1.0)), -np.inf)
+    score = brevity * np.exp(log_sum / BLEU_ORDER)
+    return np.where(correct.sum(-1) > 0, score, 0.0)
+
+
 def _ratio(numerator, denominator):
     return np.divide(numerator, denominator, out=np.zeros_like(numerator, dtype=np.float64), where=denominator != 0)
 
@@ -61,6 +102,8 @@ def metric(kind: str, name: str, classes: Sequence[str] | None = None, positive:
         if name == "accuracy":
             return lambda t: _ratio(t[..., 0], t[..., 1])
         return lambda t: _ratio(2.0 * t[..., 2], t[..., 3] + t[..., 4])  # F1 = 2c / (predicted + gold)
+    if kind == "text":
+        return (lambda t: _ratio(t[..., 0], t[..., 1])) if name == "rougeL" else corpus_bleu
     if kind == "moments":
 
         def pearson(t):

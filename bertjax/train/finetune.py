@@ -173,6 +173,8 @@ def split_dev(records: list, fraction: float) -> tuple[list, list]:
 
 
 def _gold(config, records) -> list:
+    if config.task.family == "seq2seq":
+        return [record.question for record in records]
     if config.task.family == "tagging":
         return [list(record.tags) for record in records]
     return [float(record.label) for record in records] if config.task.regression else [record.label for record in records]
@@ -569,11 +571,8 @@ def _train_seed(
         test_predictions = predictions(params, heldout)
         result["test"] = score(config, test_predictions, heldout.records)
         classes = labels.names if labels is not None else None
-        # Generated text gets no per-example counts (as span answers get none): sweep collect compares no examples.
-        result["heldout_examples"] = (
-            None
-            if config.task.family == "seq2seq"
-            else per_example.statistics(config.task.family, config.task.regression, test_predictions, _gold(config, heldout.records), classes)
+        result["heldout_examples"] = per_example.statistics(
+            config.task.family, config.task.regression, test_predictions, _gold(config, heldout.records), classes
         )
         log.info("seed %d: held-out %s at dev-selected step %d", seed, json.dumps({k: round(v, 4) for k, v in result["test"].items()}), best["step"])
     for name, split in other_dev.items():
