@@ -175,14 +175,19 @@ def bleu(predictions: Sequence[str], references: Sequence[str]) -> float:
 
 
 def rouge_l(predictions: Sequence[str], references: Sequence[str]) -> float:
-    """ROUGE-L F-measure (0-1), the mean over examples, by Google's rouge-score (its default
-    tokenisation, no stemming): the longest common subsequence of words."""
+    """ROUGE-L F-measure (0-1), the mean over examples of `rouge_l_scores`."""
+    scores = rouge_l_scores(predictions, references)
+    return float(np.mean(scores)) if scores else 0.0
+
+
+def rouge_l_scores(predictions: Sequence[str], references: Sequence[str]) -> list[float]:
+    """Each example's ROUGE-L F-measure (0-1) by Google's rouge-score (its default tokenisation, no
+    stemming): the longest common subsequence of words."""
     from rouge_score import rouge_scorer
 
     _same_count("rougeL", predictions, references)
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
-    scores = [scorer.score(reference, prediction)["rougeL"].fmeasure for prediction, reference in zip(predictions, references)]
-    return float(np.mean(scores)) if scores else 0.0
+    return [scorer.score(reference, prediction)["rougeL"].fmeasure for prediction, reference in zip(predictions, references)]
 
 
 def _same_count(name: str, predictions, references) -> None:

@@ -57,16 +57,14 @@ def statistics(family: str, regression: bool, predictions: Sequence, references:
 
 
 def _text_rows(predictions: list[str], references: list[str]) -> list[list[float]]:
-    from rouge_score import rouge_scorer
     from sacrebleu.metrics import BLEU
 
-    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)  # as metrics.rouge_l
     bleu = BLEU(effective_order=True)  # sentence scoring; the statistics are those corpus_bleu sums
+    rouge = metrics_lib.rouge_l_scores(predictions, references)
     rows = []
-    for prediction, reference in zip(predictions, references):
+    for score, prediction, reference in zip(rouge, predictions, references):
         segment = bleu.sentence_score(prediction, [reference])
-        rouge = scorer.score(reference, prediction)["rougeL"].fmeasure
-        rows.append([rouge, 1.0, segment.sys_len, segment.ref_len, *segment.counts, *segment.totals])
+        rows.append([score, 1.0, segment.sys_len, segment.ref_len, *segment.counts, *segment.totals])
     return rows
 
 

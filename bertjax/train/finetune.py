@@ -373,7 +373,7 @@ def score(config, predictions: list, records: list) -> dict[str, float]:
     """The config's metrics of the predictions against the records' gold values."""
     family, names = config.task.family, list(config.task.metrics)
     if family == "seq2seq":
-        return metrics_lib.compute(names, predictions, [record.question for record in records], text=True)
+        return metrics_lib.compute(names, predictions, _gold(config, records), text=True)
     if family == "span":
         scores = squad.evaluate({record.qid: answer for record, answer in zip(records, predictions)}, {record.qid: record.answers for record in records})
         return {name: scores[name] for name in names}
