@@ -196,7 +196,9 @@ def get_config(task: str = "sst2"):
         config.data.passage_split = (0.7, 0.15)  # (train, dev) fractions of the passages; the rest is held out
         config.data.passage_split_seed = 0
         config.data.max_target_length = 32  # question pieces + [CLS] and [SEP]
-        config.task.update(dict(family="seq2seq", metrics=("rougeL", "bleu")))
+        # text_tokenize: how BLEU and ROUGE-L split texts into words (bertjax.eval.metrics.TOKENIZATIONS); 'auto'
+        # takes 'zh' for Chinese references (xquad.zh.json), 'intl' for other non-Latin scripts, else '13a'.
+        config.task.update(dict(family="seq2seq", metrics=("rougeL", "bleu"), text_tokenize="auto"))
         config.generation = ml_collections.ConfigDict(dict(num_beams=1, max_length=32, length_penalty=1.0))
         config.train.label_smoothing = 0.1  # BART's fine-tuning value
         config.train.update(dict(batch_size=16, epochs=6.0, eval_every=80))  # ~320 steps: the CPU scale measured

@@ -52,6 +52,43 @@ def test_text_metrics_match_sacrebleu_and_rouge_score():
     }
 
 
+def test_text_metrics_split_chinese_by_character_and_other_scripts_by_unicode_words(shared_data):
+    """rouge-score's default tokeniser keeps only [a-z0-9] and sacrebleu's 13a does not split Chinese, so
+    both score real Chinese questions 0; 'auto' picks 'zh' for them ('13a' for English XQuAD, whose few
+    'Temüjin's stay on the default), and then ROUGE-L is the character LCS and BLEU is sacrebleu's 'zh'."""
+    import sacrebleu
+
+    def questions(language):
+        data = json.loads((shared_data / f"squad-format/xquad.{language}.json").read_text(encoding="utf-8"))["data"]
+        return [qa["question"] for article in data for paragraph in article["paragraphs"] for qa in paragraph["qas"]]
+
+    english, chinese = questions("en"), questions("zh")
+    assert metrics.text_tokenization(english) == "13a" and metrics.text_tokenization(chinese) == "zh"
+    rng = np.random.default_rng(0)
+    cjk = [q for q in chinese if all("\u4e00" <= c <= "\u9fff" or not c.isalnum() for c in q)]  # Han characters and punctuation only
+    gold = list(rng.choice(cjk, size=60, replace=False))
+    kept = [[c for c in q if "\u4e00" <= c <= "\u9fff" and rng.random() < 0.6] for q in gold]  # a subsequence of each question's characters
+    predictions = ["".join(k) for k in kept]
+    # By hand: the prediction is a subsequence of the reference, so LCS = its length; F = 2k / (k + n).
+    han = [sum("\u4e00" <= c <= "\u9fff" for c in q) for q in gold]
+    expected = np.mean([2 * len(k) / (len(k) + n) for k, n in zip(kept, han)])
+    assert metrics.compute(["rougeL"], predictions, gold, text=True)["rougeL"] == pytest.approx(expected) and expected > 0.5
+    scores = metrics.compute(["rougeL", "bleu"], predictions, gold, text=True)
+    assert scores["bleu"] == pytest.approx(sacrebleu.corpus_bleu(predictions, [gold], tokenize="zh").score) and scores["bleu"] > 5
+    assert metrics.rouge_l(predictions, gold, tokenize="13a") == 0.0 and metrics.bleu(predictions, gold, tokenize="13a") < 1  # the gap fixed
+    # The bootstrap's per-example statistics resolve 'auto' the same way and sum to the same corpus scores.
+    rows = per_example.statistics("seq2seq", False, predictions, gold, None)["rows"]
+    totals = np.asarray(rows, dtype=np.float64).sum(axis=0)
+    assert per_example.metric("text", "bleu")(totals) == pytest.approx(scores["bleu"], abs=1e-9)
+    assert per_example.metric("text", "rougeL")(totals) == pytest.approx(scores["rougeL"])
+    # Cyrillic: 'intl'; "привет мир" is 2 of the reference's 3 words, in order: P = 1, R = 2/3, F = 0.8.
+    assert metrics.text_tokenization(["Привет, большой мир!"]) == "intl"
+    assert metrics.compute(["rougeL"], ["Привет мир"], ["Привет, большой мир!"], text=True)["rougeL"] == pytest.approx(0.8)
+    assert metrics.rouge_l(["Привет мир"], ["Привет, большой мир!"]) == 0.0  # rouge-score's own tokeniser deletes Cyrillic
+    with pytest.raises(ValueError, match="unknown text tokenization 'ja'"):
+        metrics.compute(["bleu"], ["a"], ["a"], text=True, tokenize="ja")
+
+
 def test_text_metrics_by_hand_and_perfect():
     # One sentence with every n-gram precision non-zero: 6/7, 5/6, 4/5, 3/4 and no brevity penalty
     # (the prediction is longer), so BLEU = (3/7) ** (1/4).

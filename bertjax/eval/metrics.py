@@ -12,6 +12,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import re
+import unicodedata
+
 import numpy as np
 
 
@@ -149,44 +152,99 @@ EXAMPLE_METRICS = {
 }
 
 
-def compute(names: Sequence[str], predictions, references, tagging: bool = False, positive=1, text: bool = False) -> dict[str, float]:
+def compute(names: Sequence[str], predictions, references, tagging: bool = False, positive=1, text: bool = False, tokenize: str = "auto") -> dict[str, float]:
     """{name: value} for each metric name; `positive` is the class binary F1 scores; `text`: the
-    predictions and references are generated and gold texts (TEXT_METRICS, defined below)."""
+    predictions and references are generated and gold texts (TEXT_METRICS, defined below), split
+    into words by `tokenize` (TOKENIZATIONS)."""
     table = TEXT_METRICS if text else SEQUENCE_METRICS if tagging else EXAMPLE_METRICS
     kind = "text " if text else "tagging " if tagging else ""
     results = {}
     for name in names:
         if name not in table:
             raise ValueError(f"unknown {kind}metric {name!r}; choose from {sorted(table)}")
-        results[name] = table[name](predictions, references, positive=positive) if name == "f1" else table[name](predictions, references)
+        if text:
+            results[name] = table[name](predictions, references, tokenize=text_tokenization(references, tokenize))
+        else:
+            results[name] = table[name](predictions, references, positive=positive) if name == "f1" else table[name](predictions, references)
     return results
 
 
 # Generated text (question generation): corpus BLEU and ROUGE-L, by the reference implementations.
 
 
-def bleu(predictions: Sequence[str], references: Sequence[str]) -> float:
-    """Corpus BLEU (0-100) of the predictions against one reference each: sacrebleu's defaults (13a
-    tokenisation, exponential smoothing), the number the field reports as `sacreBLEU`."""
-    import sacrebleu
+# How generated and gold texts are split into words before BLEU and ROUGE-L count them: '13a' is the
+# field's default (sacrebleu's 13a; rouge-score's own tokeniser, which keeps only [a-z0-9] runs);
+# 'intl' (sacrebleu's Unicode-punctuation tokeniser; for ROUGE-L, runs of Unicode letters and digits)
+# is for scripts rouge-score's tokeniser deletes (Cyrillic, Greek, Arabic, ...); 'zh' (sacrebleu's
+# Chinese tokeniser; for ROUGE-L, each CJK character is a word) is for Chinese and Japanese text, which has
+# no spaces between words. 'auto' picks one from the references (`text_tokenization`).
+TOKENIZATIONS = ("auto", "13a", "intl", "zh")
+_CJK = "\u2e80-\u2fdf\u3040-\u30ff\u3100-\u312f\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"  # radicals, kana, bopomofo, ideographs
+_CJK_CHAR = re.compile(f"[{_CJK}]")
+_UNICODE_WORD = re.compile(f"[{_CJK}]|(?:(?![{_CJK}])[^\\W_])+")
 
+
+def text_tokenization(references: Sequence[str], requested: str = "auto") -> str:
+    """The tokenisation to score these references with: `requested`, or for 'auto' 'zh' when more than
+    a tenth of the references' letters are CJK characters, 'intl' when more than a tenth are letters of
+    another non-Latin script, else '13a'. Latin letters with diacritics stay on '13a', the reference
+    implementations' default (rouge-score splits "Temüjin" into "tem jin" in predictions and
+    references alike), and so does English text that quotes a few Greek or Chinese characters."""
+    if requested not in TOKENIZATIONS:
+        raise ValueError(f"unknown text tokenization {requested!r}; choose from {TOKENIZATIONS}")
+    if requested != "auto":
+        return requested
+    letters = cjk = other = 0
+    for text in references:
+        for char in text:
+            if char.isalpha():
+                letters += 1
+                if ord(char) > 127:
+                    if _CJK_CHAR.match(char):
+                        cjk += 1
+                    elif not unicodedata.name(char, "").startswith("LATIN"):
+                        other += 1
+    return "zh" if cjk > 0.1 * letters else "intl" if other > 0.1 * letters else "13a"
+
+
+def bleu(predictions: Sequence[str], references: Sequence[str], tokenize: str = "13a") -> float:
+    """Corpus BLEU (0-100) of the predictions against one reference each by sacrebleu, exponential
+    smoothing: with '13a' the number the field reports as `sacreBLEU` (see TOKENIZATIONS)."""
     _same_count("bleu", predictions, references)
-    return float(sacrebleu.corpus_bleu(list(predictions), [list(references)]).score)
+    return float(bleu_scorer(references, tokenize, sentence=False).corpus_score(list(predictions), [list(references)]).score)
 
 
-def rouge_l(predictions: Sequence[str], references: Sequence[str]) -> float:
+def bleu_scorer(references: Sequence[str], tokenize: str = "13a", sentence: bool = False):
+    """sacrebleu's BLEU with this tokenisation ('auto' resolved against the references); `sentence`:
+    for per-segment statistics (effective order)."""
+    from sacrebleu.metrics import BLEU
+
+    return BLEU(tokenize=text_tokenization(references, tokenize), effective_order=sentence)
+
+
+def rouge_l(predictions: Sequence[str], references: Sequence[str], tokenize: str = "13a") -> float:
     """ROUGE-L F-measure (0-1), the mean over examples of `rouge_l_scores`."""
-    scores = rouge_l_scores(predictions, references)
+    scores = rouge_l_scores(predictions, references, tokenize)
     return float(np.mean(scores)) if scores else 0.0
 
 
-def rouge_l_scores(predictions: Sequence[str], references: Sequence[str]) -> list[float]:
-    """Each example's ROUGE-L F-measure (0-1) by Google's rouge-score (its default tokenisation, no
-    stemming): the longest common subsequence of words."""
+class _UnicodeWords:
+    """rouge-score's tokeniser for scripts its own deletes: lower-cased runs of Unicode letters and
+    digits, each CJK character a word of its own."""
+
+    def tokenize(self, text: str) -> list[str]:
+        return _UNICODE_WORD.findall(text.lower())
+
+
+def rouge_l_scores(predictions: Sequence[str], references: Sequence[str], tokenize: str = "13a") -> list[float]:
+    """Each example's ROUGE-L F-measure (0-1) by Google's rouge-score, no stemming: the longest common
+    subsequence of words, split by rouge-score's default tokeniser for '13a' and by `_UnicodeWords`
+    for 'intl' and 'zh'."""
     from rouge_score import rouge_scorer
 
     _same_count("rougeL", predictions, references)
-    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    unicode_words = text_tokenization(references, tokenize) != "13a"
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False, tokenizer=_UnicodeWords() if unicode_words else None)
     return [scorer.score(reference, prediction)["rougeL"].fmeasure for prediction, reference in zip(predictions, references)]
 
 

@@ -30,12 +30,15 @@ METRICS = {"confusion": ("accuracy", "f1", "mcc"), "tagging": ("accuracy", "enti
 BLEU_ORDER = 4  # sacrebleu's default max n-gram order
 
 
-def statistics(family: str, regression: bool, predictions: Sequence, references: Sequence, classes: Sequence[str] | None) -> dict | None:
-    """{'kind', 'classes', 'rows'}: one row of counts per example (JSON-ready), or None for span tasks."""
+def statistics(
+    family: str, regression: bool, predictions: Sequence, references: Sequence, classes: Sequence[str] | None, tokenize: str = "auto"
+) -> dict | None:
+    """{'kind', 'classes', 'rows'}: one row of counts per example (JSON-ready), or None for span tasks;
+    `tokenize`: how generated texts are split into words (metrics.TOKENIZATIONS)."""
     if family == "span":
         return None
     if family == "seq2seq":
-        return dict(kind="text", classes=None, rows=_text_rows(list(predictions), list(references)))
+        return dict(kind="text", classes=None, rows=_text_rows(list(predictions), list(references), tokenize))
     if family == "tagging":
         rows = []
         for predicted, gold in zip(predictions, references):
@@ -56,11 +59,10 @@ def statistics(family: str, regression: bool, predictions: Sequence, references:
     return dict(kind="confusion", classes=list(classes), rows=rows)
 
 
-def _text_rows(predictions: list[str], references: list[str]) -> list[list[float]]:
-    from sacrebleu.metrics import BLEU
-
-    bleu = BLEU(effective_order=True)  # sentence scoring; the statistics are those corpus_bleu sums
-    rouge = metrics_lib.rouge_l_scores(predictions, references)
+def _text_rows(predictions: list[str], references: list[str], tokenize: str = "auto") -> list[list[float]]:
+    tokenize = metrics_lib.text_tokenization(references, tokenize)  # once, for all the rows
+    bleu = metrics_lib.bleu_scorer(references, tokenize, sentence=True)  # segment scores; corpus_bleu sums their statistics
+    rouge = metrics_lib.rouge_l_scores(predictions, references, tokenize)
     rows = []
     for score, prediction, reference in zip(rouge, predictions, references):
         segment = bleu.sentence_score(prediction, [reference])

@@ -373,7 +373,7 @@ def score(config, predictions: list, records: list) -> dict[str, float]:
     """The config's metrics of the predictions against the records' gold values."""
     family, names = config.task.family, list(config.task.metrics)
     if family == "seq2seq":
-        return metrics_lib.compute(names, predictions, _gold(config, records), text=True)
+        return metrics_lib.compute(names, predictions, _gold(config, records), text=True, tokenize=config.task.get("text_tokenize", "auto"))
     if family == "span":
         scores = squad.evaluate({record.qid: answer for record, answer in zip(records, predictions)}, {record.qid: record.answers for record in records})
         return {name: scores[name] for name in names}
@@ -572,7 +572,7 @@ def _train_seed(
         result["test"] = score(config, test_predictions, heldout.records)
         classes = labels.names if labels is not None else None
         result["heldout_examples"] = per_example.statistics(
-            config.task.family, config.task.regression, test_predictions, _gold(config, heldout.records), classes
+            config.task.family, config.task.regression, test_predictions, _gold(config, heldout.records), classes, config.task.get("text_tokenize", "auto")
         )
         log.info("seed %d: held-out %s at dev-selected step %d", seed, json.dumps({k: round(v, 4) for k, v in result["test"].items()}), best["step"])
     for name, split in other_dev.items():
@@ -611,6 +611,8 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
 
     if family == "seq2seq" and config.finetune.regime != "full":
         raise config_lib.ConfigError(f"config.finetune.regime={config.finetune.regime!r}: the seq2seq family trains every parameter ('full')")
+    if family == "seq2seq" and config.task.get("text_tokenize", "auto") not in metrics_lib.TOKENIZATIONS:
+        raise config_lib.ConfigError(f"config.task.text_tokenize={config.task.text_tokenize!r}: choose one of {metrics_lib.TOKENIZATIONS}")
 
     # Data (records) and tokenizer.
     if config.data.get("passage_split"):
@@ -623,6 +625,9 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
         heldout_records = None
         if config.data.test:
             heldout_records = _subset(tasks.read(config.data.test, config.data, family, "test"), config.data.max_test_examples, config.train.seed)
+    if family == "seq2seq":
+        requested = config.task.get("text_tokenize", "auto")
+        log.info("BLEU and ROUGE-L split texts by the %r tokenization (config.task.text_tokenize=%r)", metrics_lib.text_tokenization(_gold(config, dev_records), requested), requested)
     other_records = {name: tasks.read(path, config.data, family, "validation") for name, path in config.data.other_dev.items()}
     tokenizer, tokenizer_is_checkpoints = _tokenizer(config, workdir, train_records)
 
