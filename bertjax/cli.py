@@ -354,6 +354,9 @@ def sweep(argv):
     from bertjax import sweep as sweep_lib
 
     if argv and argv[0] == "collect":
+        if len(argv) == 2 and argv[1] in ("-h", "--help", "-help", "--helpfull"):
+            print(f"{SWEEP_DOC}\n\nbertjax sweep collect WORKDIR: write results.csv, results.md, comparisons.csv and plots for the arms under WORKDIR; print the table.")
+            return
         if len(argv) != 2:
             raise UsageError("usage: bertjax sweep collect WORKDIR")
         print(sweep_lib.collect(_existing(argv[1], "sweep collect")))

@@ -65,6 +65,7 @@ def test_usage_errors_exit_2_on_one_line(capsys):
     assert failure(["predict"], capsys) == (2, "bertjax predict: the following arguments are required: --workdir (see bertjax predict --help)")
     assert failure(["convert", "--from", "x", "--sideways"], capsys)[0] == 2
     assert failure(["sweep", "collect"], capsys) == (2, "bertjax sweep: usage: bertjax sweep collect WORKDIR")
+    assert cli.main(["sweep", "collect", "--help"]) == 0 and "sweep collect WORKDIR: write results.csv" in capsys.readouterr().out
     assert failure(["data", "plot"], capsys) == (2, "bertjax data: choose 'stats', 'show' or 'prepare', not 'plot' (see bertjax data --help)")
 
 
