@@ -35,7 +35,7 @@ SENTENCE_OBJECTIVES = ("nsp", "sop", "none")
 OPTIMIZERS = ("adamw", "lamb")
 SCHEDULES = ("linear", "polynomial", "cosine", "constant")
 ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "auto")
-DENSE_BACKWARDS = ("auto", "xla", "transpose")
+DENSE_BACKWARDS = ("xla", "transpose")
 REGIMES = ("full", "freeze_bottom", "features")
 FEATURES = ("last", "sum_last4", "concat_last4", "scalar_mix")
 # BART's corruptions (bertjax/data/noising.py) and the rate each gets when switched on by name.
@@ -71,7 +71,7 @@ def model_config(size: str = "tiny") -> ml_collections.ConfigDict:
             hidden_dropout=0.1,
             attention_dropout=0.1,
             attention_implementation="xla",
-            dense_backward="auto",  # the MLP weight gradients' matmul form: 'auto' (transpose on CPU), 'xla', 'transpose'
+            dense_backward="xla",  # the dense kernels' gradient: 'xla' (XLA's own matmul form) or 'transpose' (see models.encoder.dense)
             initializer_range=0.02,
         )
     )
@@ -268,7 +268,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
             m.attention_implementation,
             f"choose one of {ATTENTION_IMPLEMENTATIONS}",
         )
-        _check(m.get("dense_backward", "auto") in DENSE_BACKWARDS, "model.dense_backward", m.get("dense_backward"), f"choose one of {DENSE_BACKWARDS}")
+        _check(m.get("dense_backward", "xla") in DENSE_BACKWARDS, "model.dense_backward", m.get("dense_backward"), f"choose one of {DENSE_BACKWARDS}")
         for key in ("hidden_dropout", "attention_dropout"):
             _check(0.0 <= m[key] < 1.0, f"model.{key}", m[key], "must be in [0, 1)")
     if "data" in config and "masking" in config.data:

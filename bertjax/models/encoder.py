@@ -49,7 +49,7 @@ class BertConfig:
     hidden_dropout: float = 0.1
     attention_dropout: float = 0.1
     attention_implementation: str = "xla"  # 'xla' | 'cudnn' | 'auto'
-    dense_backward: str = "auto"  # 'auto' (= 'transpose' on CPU, else 'xla') | 'xla' | 'transpose': see `dense`
+    dense_backward: str = "xla"  # 'xla' | 'transpose': see `dense`
     initializer_range: float = 0.02
 
     @classmethod
@@ -92,8 +92,9 @@ def _dense_product_backward(residuals, grad):
     inputs, kernel = residuals
     grad_inputs = jax.lax.dot_general(grad, kernel, (((grad.ndim - 1,), (1,)), ((), ())))
     # The kernel's gradient X^T dY with the transpose of X written out first: XLA:CPU otherwise contracts
-    # dimension 0 of both operands, 1.3-1.5x slower than a transpose and a plain matmul at BERT's MLP shapes
-    # (experiments/seq2seq_train_speed). The barrier keeps XLA from folding the transpose back into the dot.
+    # dimension 0 of both operands, which on some CPUs is 1.3-1.5x slower than a transpose and a plain matmul
+    # at BERT's MLP shapes, on others faster (experiments/seq2seq_train_speed). The barrier keeps XLA from
+    # folding the transpose back into the dot.
     flat_inputs = inputs.reshape(-1, inputs.shape[-1])
     grad_kernel = jax.lax.optimization_barrier(flat_inputs.T) @ grad.reshape(-1, grad.shape[-1])
     return grad_inputs, grad_kernel
@@ -112,18 +113,17 @@ def _transposed_backward_dot_general(lhs, rhs, dimension_numbers, precision=None
 def dense(cfg: BertConfig, features: int, axes: tuple[str, str], name: str | None = None) -> nn.Dense:
     """A Dense layer with BERT's init and logical axes (input axis, output axis) on its kernel.
 
-    `cfg.dense_backward='transpose'` (what 'auto' picks on the CPU) computes the kernel's gradient as a
-    written-out transpose and a plain matmul (`_dense_product`): the same numbers, ~7% off the small seq2seq
-    model's CPU step. Its custom VJP has no forward-mode derivative: set 'xla' for `jax.jvp` or Hessians."""
-    mode = cfg.dense_backward
-    if mode == "auto":
-        mode = "transpose" if jax.default_backend() == "cpu" else "xla"
+    `cfg.dense_backward='transpose'` computes the kernel's gradient as a written-out transpose and a plain
+    matmul (`_dense_product`) instead of XLA's dimension-0 contraction: the same numbers, and faster or
+    slower by CPU (1.10x faster on one development machine, 0.7-0.9x on an AMD EPYC one, in the small
+    seq2seq step: experiments/seq2seq_train_speed), hence opt-in. Its custom VJP has no forward-mode
+    derivative: `jax.jvp` or a Hessian needs 'xla', the default."""
     return nn.Dense(
         features,
         dtype=cfg.compute_dtype,
         kernel_init=normal_init(cfg, axes),
         bias_init=zeros_init(axes[-1:]),
-        dot_general=_transposed_backward_dot_general if mode == "transpose" else None,
+        dot_general=_transposed_backward_dot_general if cfg.dense_backward == "transpose" else None,
         name=name,
     )
 

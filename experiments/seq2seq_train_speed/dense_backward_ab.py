@@ -1,8 +1,8 @@
 """A/B of `model.dense_backward`: the trainer's seq2seq step with XLA's own matmul form for the MLP
-kernels' gradient ('xla') and with the transpose written out first ('transpose', the CPU default), and
+kernels' gradient ('xla', the default) and with the transpose written out first ('transpose'), and
 HuggingFace BART's eager step beside them, all in one process on the same batch.
 
-    python experiments/seq2seq_train_speed/dense_backward_ab.py --size small --batch 8 --rounds 5
+    python experiments/seq2seq_train_speed/dense_backward_ab.py --size small --batch 8 --rounds 9
 
 The three sides alternate each round (the order reverses every other round) and each step's process
 CPU seconds are recorded; prints the medians and HF's CPU seconds over each bertjax variant's (the ratio
