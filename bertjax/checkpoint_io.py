@@ -58,6 +58,17 @@ from bertjax.errors import MissingInputError, UserError
 
 CHECKPOINTS = "checkpoints"
 TOKENIZER = "tokenizer"
+
+
+class _QuietReadOnly(logging.Filter):
+    """Orbax warns twice, on every read-only CheckpointManager, that a read-only manager saves nothing."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (message.startswith("CheckpointManagerOptions.read_only=True") or message.startswith("Given directory is read only"))
+
+
+logging.getLogger("absl").addFilter(_QuietReadOnly())
 CHECKSUMS = "checksums.json"
 # Where orbax writes a step before renaming it into place (orbax.checkpoint's TMP_DIR_SUFFIX).
 ORBAX_TMP_SUFFIX = ".orbax-checkpoint-tmp"

@@ -2,7 +2,7 @@
 
   bertjax pretrain   --config configs/pretrain.py:tiny --workdir runs/x [--config.KEY=VALUE ...]
   bertjax finetune   --config configs/finetune.py:sst2 --workdir runs/sst2 [--config.init_from=runs/x]
-  bertjax predict    --workdir runs/sst2 [--input FILE]       (text on stdin without --input)
+  bertjax predict    --workdir runs/sst2 [--input FILE] [--seed K]  (text on stdin without --input)
   bertjax generate   --workdir RUN [--num-beams 4]             (seq2seq or HF BART: lines on stdin -> stdout)
   bertjax data       stats|show|prepare --config configs/pretrain.py:tiny [--batches N | --examples N | --shard I/N]
   bertjax tokenizer  train --input FILE... --vocab-size N --out DIR [--model-type unigram|bpe|wordpiece]
@@ -220,6 +220,7 @@ def predict(argv):
     parser.add_argument("--workdir", required=True, help="A fine-tuning workdir (holds config.json and checkpoints).")
     parser.add_argument("--input", default="-", help="Input file; '-' (the default) reads stdin.")
     parser.add_argument("--output", default="-", help="Output file; '-' (the default) writes stdout.")
+    parser.add_argument("--seed", type=int, default=None, help="Use this fine-tuning seed's parameters (default: the seed with the best dev score).")
     args = parser.parse_args(argv)
     workdir, source = _existing(args.workdir, "--workdir"), _existing(args.input, "--input")
     from bertjax.train import finetune as finetune_lib
@@ -227,7 +228,7 @@ def predict(argv):
     with contextlib.ExitStack() as files:  # closes the files opened here, never stdin or stdout
         lines = sys.stdin.buffer if source == "-" else files.enter_context(open(source, "rb"))
         out = sys.stdout if args.output == "-" else files.enter_context(open(_path(args.output), "w", encoding="utf-8"))
-        for prediction in finetune_lib.predict(workdir, _text_lines(lines, "stdin" if source == "-" else source)):
+        for prediction in finetune_lib.predict(workdir, _text_lines(lines, "stdin" if source == "-" else source), seed=args.seed):
             out.write(prediction + "\n")
 
 

@@ -171,6 +171,13 @@ def test_cli_end_to_end_on_xquad(shared_data, tmp_path, capsys):
     (tmp_path / "input.txt").write_text(f"308\t{passage}\nsixth\t{passage}\n")
     assert cli.main(["predict", "--workdir", str(workdir), "--input", str(tmp_path / "input.txt"), "--output", str(tmp_path / "out.txt")]) == 0
     assert len((tmp_path / "out.txt").read_text().split("\n")) == 3  # two lines, each ended
+    # --seed picks a seed's parameters: the one seed run here gives the same questions; another is named.
+    assert cli.main(["predict", "--workdir", str(workdir), "--seed", "0", "--input", str(tmp_path / "input.txt"), "--output", str(tmp_path / "out0.txt")]) == 0
+    assert (tmp_path / "out0.txt").read_text() == (tmp_path / "out.txt").read_text()
+    capsys.readouterr()
+    assert cli.main(["predict", "--workdir", str(workdir), "--seed", "5", "--input", str(tmp_path / "input.txt"), "--output", str(tmp_path / "out5.txt")]) == 1
+    err = capsys.readouterr().err
+    assert "--seed 5: " in err and "ran seeds [0]" in err, err
 
     (tmp_path / "bad.txt").write_text("no tab here\n")
     capsys.readouterr()

@@ -764,8 +764,14 @@ def _parse_line(family: str, line: str, number: int):
     return tasks.TextExample(texts, None, where)
 
 
-def _best_seed_dir(workdir: pathlib.Path) -> pathlib.Path:
+def _best_seed_dir(workdir: pathlib.Path, seed: int | None = None) -> pathlib.Path:
+    """seed_K of `seed`, or of the seed with the best dev score (the primary metric) when None."""
     results = json.loads((workdir / RESULTS_FILE).read_text())
+    if seed is not None:
+        seeds = [run["seed"] for run in results["per_seed"]]
+        if seed not in seeds:
+            raise errors.UserError(f"--seed {seed}: {workdir} ran seeds {seeds}")
+        return workdir / f"seed_{seed}"
     primary = results["primary_metric"]
     best = max(results["per_seed"], key=lambda run: run["metrics"][primary])
     return workdir / f"seed_{best['seed']}"
@@ -782,8 +788,8 @@ def _chunks(lines: Iterable[str], size: int) -> Iterator[list[tuple[int, str]]]:
         yield chunk
 
 
-def predict(workdir, lines: Iterable[str]) -> Iterator[str]:
-    """One prediction per input line, with the best seed's best parameters: the label, the score
+def predict(workdir, lines: Iterable[str], seed: int | None = None) -> Iterator[str]:
+    """One prediction per input line, with the best seed's (or `seed`'s) best parameters: the label, the score
     (regression), the space-separated tags (tagging; input = whitespace-separated words), the
     answer text (QA; input = question TAB passage) or the generated question (seq2seq; input =
     answer TAB passage)."""
@@ -796,7 +802,7 @@ def predict(workdir, lines: Iterable[str]) -> Iterator[str]:
     model = build_model(config, labels)
     placement = Placement.from_config(config)
 
-    seed_dir = _best_seed_dir(workdir)
+    seed_dir = _best_seed_dir(workdir, seed)
     boxed = state_lib.abstract_params(model, config.data.max_seq_length)
     shardings = partitioning.param_shardings(boxed, placement.mesh, placement.rule_table)
     abstract = jax.tree.map(lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding), nn.meta.unbox(boxed), shardings)
