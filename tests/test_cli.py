@@ -121,7 +121,7 @@ def test_predict_and_convert_resolve_their_paths(tmp_path, monkeypatch, capsys):
     from bertjax import checkpoint_io
     from bertjax.train import finetune as finetune_lib
 
-    monkeypatch.setattr(finetune_lib, "predict", lambda workdir, lines: (calls.append((workdir, list(lines))), ["1", "0"])[1])
+    monkeypatch.setattr(finetune_lib, "predict", lambda workdir, lines, seed=None: (calls.append((workdir, list(lines))), ["1", "0"])[1])
     monkeypatch.setattr(checkpoint_io, "convert", lambda source, target: calls.append((source, target)) or target)
     assert cli.main(["predict", "--workdir", "runs/x", "--input", "in.txt", "--output", "out.txt"]) == 0
     assert calls[-1] == (str(tmp_path / "runs/x"), ["a fine film", "bad"]), "BOM and CRLF are dropped"
@@ -147,3 +147,4 @@ def test_verbose_shows_the_traceback(tmp_path, monkeypatch):
     monkeypatch.setenv("BERTJAX_VERBOSE", "1")
     with pytest.raises(cli.UsageError, match="--workdir is required"):
         cli.main(["pretrain"])
+

@@ -18,9 +18,14 @@ max_seq_length (32 x 128): random token ids, targets of full length for most row
 fill the sequence) and a shorter one every eighth row, sources at ~80% of their target's length (text
 infilling at 30% shrinks the source); the same arrays on both sides, padding included.
 
-The two sides alternate: each round times `--steps` steps of one, then of the other (which goes first
-alternates), so that both see the same background load; the median per-step time over the rounds is
-kept. Compilation (bertjax) and one warm-up step (both) come before. Both sides get the same number
+Each side lives in a worker process of its own (`--same-process` puts both in this one, as the figures
+before 2026-12-03 did: there the two frameworks' allocations and caches interfere, at the small model's
+batch 32 by ~35% against bertjax). The two sides alternate: each round times `--steps` steps of one,
+then of the other (which goes first alternates), so that both see the same background load; the median
+per-step time over the rounds is kept, in wall seconds and in the side's own process CPU seconds.
+The workers inherit this environment: `GLIBC_TUNABLES=glibc.malloc.hugetlb=1 python .../bench.py` gives
+both sides transparent huge pages (fewer page faults; no steady gain measured, see the README).
+Compilation (bertjax) and one warm-up step (both) come before. Both sides get the same number
 of CPU threads (`--threads`, 1 by default: the XLA flags this repository runs JAX with,
 --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1, and torch.set_num_threads).
 Prints one JSON line per size and a table; the ratio is bertjax steps/s over HF steps/s.
@@ -133,7 +138,7 @@ def transformers_step(config, batch: dict):
     return step, time.perf_counter() - start
 
 
-def measure(size: str, args) -> dict:
+def size_config(size: str, args):
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("seq2seq_config", os.path.join(os.path.dirname(__file__), "..", "..", "configs", "seq2seq.py"))
@@ -144,21 +149,91 @@ def measure(size: str, args) -> dict:
         config.train.batch_size = args.batch
     if args.length:
         config.data.max_seq_length = args.length
-    batch = batch_arrays(config, np.random.default_rng(0))
-    sides = {}
-    sides["bertjax"], bertjax_compile_s = bertjax_step(config, batch)
-    sides["transformers"], _ = transformers_step(config, batch)
+    return config
+
+
+def make_step(side: str, config, batch):
+    return (bertjax_step if side == "bertjax" else transformers_step)(config, batch)
+
+
+def timed(step, steps: int) -> tuple[float, float, list[float], float]:
+    """(wall s per step, this process's CPU s per step, losses, page faults per step) of `steps` steps."""
+    import resource
+
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    start, cpu_start = time.perf_counter(), time.process_time()
+    losses = [step() for _ in range(steps)]
+    wall, cpu = (time.perf_counter() - start) / steps, (time.process_time() - cpu_start) / steps
+    return wall, cpu, losses, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / steps
+
+
+def worker(side: str, size: str, args, connection) -> None:
+    """One side in a process of its own: build and warm up its step, then time `n` steps per request."""
+    set_threads(args)
+    config = size_config(size, args)
+    step, compile_s = make_step(side, config, batch_arrays(config, np.random.default_rng(0)))
+    connection.send(compile_s)
+    while (steps := connection.recv()) is not None:
+        connection.send(timed(step, steps))
+
+
+def set_threads(args) -> None:
+    threaded = "true" if args.threads > 1 else "false"
+    os.environ["XLA_FLAGS"] = f"--xla_cpu_multi_thread_eigen={threaded} intra_op_parallelism_threads={args.threads} {args.xla_flags}".strip()
+    import torch
+
+    torch.set_num_threads(args.threads)
+
+
+class _Remote:
+    """A side living in a worker process; calling it times `steps` steps there."""
+
+    def __init__(self, side: str, size: str, args):
+        import multiprocessing
+
+        context = multiprocessing.get_context("spawn")
+        self.connection, child = context.Pipe()
+        self.process = context.Process(target=worker, args=(side, size, args, child), daemon=True)
+        self.process.start()
+        self.compile_s = self.connection.recv()
+
+    def __call__(self, steps: int):
+        self.connection.send(steps)
+        return self.connection.recv()
+
+    def close(self) -> None:
+        self.connection.send(None)
+        self.process.join()
+
+
+def measure(size: str, args) -> dict:
+    config = size_config(size, args)
+    sides, compile_s = {}, {}
+    if args.same_process:
+        batch = batch_arrays(config, np.random.default_rng(0))
+        for side in ("bertjax", "transformers"):
+            step, compile_s[side] = make_step(side, config, batch)
+            sides[side] = lambda steps, step=step: timed(step, steps)
+    else:
+        for side in ("bertjax", "transformers"):
+            sides[side] = _Remote(side, size, args)
+            compile_s[side] = sides[side].compile_s
+    bertjax_compile_s = compile_s["bertjax"]
     times = {name: [] for name in sides}
     cpu_times = {name: [] for name in sides}
     losses = {name: [] for name in sides}
+    faults = {name: [] for name in sides}
     for round_index in range(args.rounds):
         order = list(sides) if round_index % 2 == 0 else list(sides)[::-1]
         for name in order:
-            start, cpu_start = time.perf_counter(), time.process_time()
-            for _ in range(args.steps):
-                losses[name].append(sides[name]())
-            times[name].append((time.perf_counter() - start) / args.steps)
-            cpu_times[name].append((time.process_time() - cpu_start) / args.steps)
+            wall, cpu, round_losses, round_faults = sides[name](args.steps)
+            times[name].append(wall)
+            cpu_times[name].append(cpu)
+            losses[name].extend(round_losses)
+            faults[name].append(round_faults)
+    for side in sides.values():
+        if isinstance(side, _Remote):
+            side.close()
     row = {
         "size": size,
         "batch": config.train.batch_size,
@@ -171,6 +246,12 @@ def measure(size: str, args) -> dict:
         "bertjax_cpu_s": statistics.median(cpu_times["bertjax"]),
         "transformers_cpu_s": statistics.median(cpu_times["transformers"]),
         "bertjax_compile_s": round(bertjax_compile_s, 2),
+        # Minor page faults per step (in --same-process mode both sides' together): the first touch of memory
+        # the allocator has just mapped, paid in kernel time.
+        "bertjax_page_faults_per_step": statistics.median(faults["bertjax"]),
+        "transformers_page_faults_per_step": statistics.median(faults["transformers"]),
+        "processes": "one" if args.same_process else "one per side",
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
         "bertjax_first_loss": losses["bertjax"][0],
         "transformers_first_loss": losses["transformers"][0],
     }
@@ -188,15 +269,17 @@ def main(argv=None) -> None:
     parser.add_argument("--batch", type=int, default=0, help="override config.train.batch_size")
     parser.add_argument("--length", type=int, default=0, help="override config.data.max_seq_length")
     parser.add_argument("--xla-flags", default="", help="more XLA flags for bertjax's side, e.g. --xla_cpu_use_xnnpack=true")
+    parser.add_argument(
+        "--same-process", action="store_true",
+        help="run both sides in this process (the figures before 2026-12-03); by default each side has a worker process of its own",
+    )
     args = parser.parse_args(argv)
 
-    threaded = "true" if args.threads > 1 else "false"
-    os.environ["XLA_FLAGS"] = f"--xla_cpu_multi_thread_eigen={threaded} intra_op_parallelism_threads={args.threads} {args.xla_flags}".strip()
+    set_threads(args)
     import jax
     import torch
     import transformers
 
-    torch.set_num_threads(args.threads)
     rows = []
     for size in args.sizes:
         row = measure(size, args)
