@@ -58,6 +58,13 @@ from bertjax.errors import MissingInputError, UserError
 
 CHECKPOINTS = "checkpoints"
 TOKENIZER = "tokenizer"
+CHECKSUMS = "checksums.json"
+# Where orbax writes a step before renaming it into place (orbax.checkpoint's TMP_DIR_SUFFIX).
+ORBAX_TMP_SUFFIX = ".orbax-checkpoint-tmp"
+# What load_params reads of a step, and so verifies (the optimizer state is only the trainer's business).
+LOADED_ITEMS = ("params", "metadata")
+
+log = logging.getLogger(__name__)
 
 
 class _QuietReadOnly(logging.Filter):
@@ -69,13 +76,6 @@ class _QuietReadOnly(logging.Filter):
 
 
 logging.getLogger("absl").addFilter(_QuietReadOnly())
-CHECKSUMS = "checksums.json"
-# Where orbax writes a step before renaming it into place (orbax.checkpoint's TMP_DIR_SUFFIX).
-ORBAX_TMP_SUFFIX = ".orbax-checkpoint-tmp"
-# What load_params reads of a step, and so verifies (the optimizer state is only the trainer's business).
-LOADED_ITEMS = ("params", "metadata")
-
-log = logging.getLogger(__name__)
 
 
 def git_revision() -> str:

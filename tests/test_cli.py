@@ -147,4 +147,3 @@ def test_verbose_shows_the_traceback(tmp_path, monkeypatch):
     monkeypatch.setenv("BERTJAX_VERBOSE", "1")
     with pytest.raises(cli.UsageError, match="--workdir is required"):
         cli.main(["pretrain"])
-

@@ -17,13 +17,11 @@ questions depend on the passage.
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 
-import ml_collections
 import numpy as np
 
-from bertjax import sweep
+from bertjax import checkpoint_io, sweep
 from bertjax.eval import per_example, stats
 from bertjax.train import finetune
 
@@ -38,9 +36,9 @@ def workdir_runs(workdir: pathlib.Path, metric: str) -> stats.Runs:
     return runs
 
 
-def heldout_questions(workdir: pathlib.Path) -> list[str]:
-    config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
-    return [example.question for example in finetune._passage_split(config, "seq2seq")[2]]
+def heldout(config) -> list:
+    """The held-out examples of a question-generation workdir's config (its file, split by passage)."""
+    return finetune._passage_split(config, "seq2seq")[2]
 
 
 def constant_runs(text: str, questions: list[str], metric: str, tokenize: str) -> stats.Runs:
@@ -56,9 +54,9 @@ def main() -> None:
     args = parser.parse_args()
 
     first = args.workdirs[0]
-    config = json.loads((first / "config.json").read_text())
-    tokenize = config.get("task", {}).get("text_tokenize", "auto")
-    questions = heldout_questions(first) if args.constant else []
+    config = checkpoint_io.read_config(first)
+    tokenize = config.task.get("text_tokenize", "auto")
+    questions = [example.question for example in heldout(config)] if args.constant else []
     sides = {str(w): {m: workdir_runs(w, m) for m in METRICS} for w in args.workdirs}
     sides.update({repr(text): {m: constant_runs(text, questions, m, tokenize) for m in METRICS} for text in args.constant})
 

@@ -25,8 +25,9 @@ import json
 import pathlib
 import re
 
-import ml_collections
+import compare  # this folder's compare.py: the held-out split
 
+from bertjax import checkpoint_io
 from bertjax.train import finetune
 
 STOP = set(
@@ -52,9 +53,8 @@ def grounding(questions: list[str], passages: list[str]) -> tuple[float, float]:
     return own / max(total, 1), other / max(total, 1)
 
 
-def heldout(workdir: pathlib.Path):
-    config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
-    return finetune._passage_split(config, "seq2seq")[2]
+def heldout(workdir: pathlib.Path) -> list:
+    return compare.heldout(checkpoint_io.read_config(workdir))
 
 
 def main() -> None:

@@ -16,9 +16,7 @@ import json
 import os
 import statistics
 import sys
-import time
 
-os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
 sys.path.insert(0, os.path.dirname(__file__))
 
 import numpy as np  # noqa: E402
@@ -32,16 +30,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
-    import importlib.util
-
-    import torch
-
-    torch.set_num_threads(1)
-    spec = importlib.util.spec_from_file_location("seq2seq_config", os.path.join(os.path.dirname(__file__), "..", "..", "configs", "seq2seq.py"))
-    configs = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(configs)
-    config = configs.get_config(args.size)
-    config.train.batch_size = args.batch
+    settings = argparse.Namespace(threads=1, xla_flags="", batch=args.batch, length=0)
+    bench.set_threads(settings)  # before JAX starts: one thread per side
+    config = bench.size_config(args.size, settings)
     batch = bench.batch_arrays(config, np.random.default_rng(0))
     sides = {}
     for mode in ("xla", "transpose"):
@@ -51,9 +42,7 @@ def main() -> None:
     cpu = {name: [] for name in sides}
     for round_index in range(args.rounds):
         for name in list(sides) if round_index % 2 == 0 else list(sides)[::-1]:
-            start = time.process_time()
-            sides[name]()
-            cpu[name].append(time.process_time() - start)
+            cpu[name].append(bench.timed(sides[name], 1)[1])
     median = {name: statistics.median(times) for name, times in cpu.items()}
     row = {
         "size": args.size,
