@@ -1,8 +1,10 @@
 """Question generation on XQuAD (family seq2seq): the passage split, the text metrics, the features,
 and `bertjax finetune --config configs/finetune.py:xquad_qg` end to end on a subset of the real file."""
 
+import io
 import json
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -127,7 +129,7 @@ def test_features_put_the_answer_first_and_centre_the_passage_on_it(xquad, token
     assert features["decoder_input_ids"][0][weights == 1].tolist() == [tokenizer.sep_id, tokenizer.cls_id, *question]
 
 
-def test_cli_end_to_end_on_xquad(shared_data, tmp_path, capsys):
+def test_cli_end_to_end_on_xquad(shared_data, tmp_path, capsys, monkeypatch):
     """A tiny encoder-decoder from scratch on 64 XQuAD questions: results.json holds BLEU and ROUGE-L
     on dev and on the held-out passages, and predict generates a question per line."""
     workdir = tmp_path / "qg"
@@ -178,6 +180,10 @@ def test_cli_end_to_end_on_xquad(shared_data, tmp_path, capsys):
     assert cli.main(["predict", "--workdir", str(workdir), "--seed", "5", "--input", str(tmp_path / "input.txt"), "--output", str(tmp_path / "out5.txt")]) == 1
     err = capsys.readouterr().err
     assert "--seed 5: " in err and "ran seeds [0]" in err, err
+    # generate is for pretraining runs: on a fine-tuning run it names predict instead.
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"308\n")))
+    assert cli.main(["generate", "--workdir", str(workdir)]) == 1
+    assert f"a fine-tuning run; generate from it with `bertjax predict --workdir {workdir}`" in capsys.readouterr().err
 
     (tmp_path / "bad.txt").write_text("no tab here\n")
     capsys.readouterr()

@@ -337,6 +337,9 @@ def load(source: str):
     if "num_decoder_layers" not in model_config:
         kind = "a HuggingFace BERT (encoder-only)" if huggingface else "an encoder-only run (config.model has no num_decoder_layers)"
         raise UserError(f"--workdir {source}: {kind}; bertjax generate needs a seq2seq model: a run of configs/seq2seq.py or a HuggingFace BART directory")
+    if not huggingface and (pathlib.Path(path) / "results.json").exists():
+        # A fine-tuning run keeps its parameters per seed (seed_K/) and reads task-shaped input lines.
+        raise UserError(f"--workdir {source}: a fine-tuning run; generate from it with `bertjax predict --workdir {path}` (input lines: answer TAB passage)")
     model = hf.model_for(model_config)
     _, params = checkpoint_io.load_params(source)
     return model, {"params": params}, _Text(checkpoint_io.tokenizer_path(source), model.cfg)
