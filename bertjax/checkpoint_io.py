@@ -78,6 +78,11 @@ class _QuietReadOnly(logging.Filter):
 logging.getLogger("absl").addFilter(_QuietReadOnly())
 
 
+def _read_only_manager(directory: pathlib.Path) -> ocp.CheckpointManager:
+    """An orbax manager that reads `directory` and never writes to it (its two warnings filtered above)."""
+    return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False))
+
+
 def git_revision() -> str:
     try:
         result = subprocess.run(
@@ -229,8 +234,10 @@ def index(workdir) -> list[dict]:
 
 def _steps_on_disk(directory: pathlib.Path) -> list[int]:
     """The complete steps of a checkpoint directory, read without writing to it."""
-    manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False))
-    return complete_steps(directory, manager.all_steps())
+    manager = _read_only_manager(directory)
+    steps = manager.all_steps()
+    manager.close()
+    return complete_steps(directory, steps)
 
 
 def _split_source(source: str) -> tuple[pathlib.Path, int | None]:
@@ -304,7 +311,7 @@ def load_params(source: str, abstract_params=None):
     directory = path / CHECKPOINTS
     if abstract_params is None:
         abstract_params = _single_device(_abstract_params_for(config))
-    manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False))
+    manager = _read_only_manager(directory)
     check_shapes(abstract_params, read_metadata(directory, step)["param_shapes"], str(directory / str(step)))
     params = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params)))["params"]
     manager.close()

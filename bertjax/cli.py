@@ -37,6 +37,7 @@ from ml_collections import config_flags
 
 from bertjax import config as config_lib
 from bertjax import errors
+from bertjax import host_memory
 
 
 class UsageError(errors.UserError):
@@ -445,6 +446,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bertjax: unknown verb {argv[0]!r}; choose one of {', '.join(VERBS)}\n", file=sys.stderr)
         print(__doc__.strip(), file=sys.stderr)
         return errors.EXIT_USAGE
+    # Before JAX starts its threads: XLA:CPU's per-step temporaries then stay in the process (host_memory).
+    host_memory.keep()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     # Orbax reports every phase of every save at INFO through absl; our own progress lines say enough.
     logging.getLogger("absl").setLevel(logging.WARNING)

@@ -55,7 +55,7 @@ import tqdm
 from flax import linen as nn
 from flax import traverse_util
 
-from bertjax import checkpoint_io, errors, models
+from bertjax import checkpoint_io, errors, host_memory, models
 from bertjax import config as config_lib
 from bertjax.data import tasks
 from bertjax.data import tokenizer as tokenizer_lib
@@ -541,6 +541,9 @@ def _train_seed(
     bar = tqdm.tqdm(total=total_steps, desc=f"finetune {config.task.name} seed {seed}", unit="step", disable=not config.train.progress, dynamic_ncols=True)
     for step, batch in enumerate(_batches(train, batch_size, total_steps, seed, keys), start=1):
         state, loss = train_step(state, placement.batch(batch), jax.random.fold_in(dropout_base, step))
+        if step == 1:
+            jax.block_until_ready(loss)
+            host_memory.release_if_tight()
         bar.update()
         if step % config.train.log_every == 0 or step == total_steps:
             loss = float(loss)

@@ -35,7 +35,7 @@ import optax
 from flax import linen as nn
 
 from bertjax import config as config_lib
-from bertjax import checkpoint_io, models
+from bertjax import checkpoint_io, host_memory, models
 from bertjax.train import checkpoints as checkpoints_lib
 from bertjax.train import metrics as metrics_lib
 from bertjax.train import optim, partitioning
@@ -427,6 +427,7 @@ def _train(config, workdir: pathlib.Path) -> dict:
             progress.advance()
             if step == start_step + 1:
                 jax.block_until_ready(step_metrics)  # compilation is not throughput
+                host_memory.release_if_tight()
                 throughput.restart()
                 steps_timed = 0
             stopped_by = stop[0] if stop else None

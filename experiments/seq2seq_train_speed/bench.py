@@ -167,13 +167,25 @@ def timed(step, steps: int) -> tuple[float, float, list[float], float]:
     return wall, cpu, losses, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / steps
 
 
+def keeps_memory(side: str, args) -> bool:
+    """Whether `side` runs with glibc keeping freed memory (bertjax.host_memory): bertjax's CLI does, HF does not."""
+    return args.keep_memory == "both" or args.keep_memory == side
+
+
 def worker(side: str, size: str, args, connection) -> None:
     """One side in a process of its own: build and warm up its step, then time `n` steps per request."""
+    if keeps_memory(side, args):
+        from bertjax import host_memory
+
+        host_memory.keep()  # first, as bertjax.cli.main does: before any thread allocates
     set_threads(args)
     config = size_config(size, args)
     step, compile_s = make_step(side, config, batch_arrays(config, np.random.default_rng(0)))
     connection.send(compile_s)
-    while (steps := connection.recv()) is not None:
+    while (request := connection.recv()) is not None:
+        warmup, steps = request
+        for _ in range(warmup):
+            step()
         connection.send(timed(step, steps))
 
 
@@ -197,8 +209,8 @@ class _Remote:
         self.process.start()
         self.compile_s = self.connection.recv()
 
-    def __call__(self, steps: int):
-        self.connection.send(steps)
+    def __call__(self, warmup: int, steps: int):
+        self.connection.send((warmup, steps))
         return self.connection.recv()
 
     def close(self) -> None:
@@ -213,7 +225,7 @@ def measure(size: str, args) -> dict:
         batch = batch_arrays(config, np.random.default_rng(0))
         for side in ("bertjax", "transformers"):
             step, compile_s[side] = make_step(side, config, batch)
-            sides[side] = lambda steps, step=step: timed(step, steps)
+            sides[side] = lambda warmup, steps, step=step: ([step() for _ in range(warmup)], timed(step, steps))[1]
     else:
         for side in ("bertjax", "transformers"):
             sides[side] = _Remote(side, size, args)
@@ -226,7 +238,7 @@ def measure(size: str, args) -> dict:
     for round_index in range(args.rounds):
         order = list(sides) if round_index % 2 == 0 else list(sides)[::-1]
         for name in order:
-            wall, cpu, round_losses, round_faults = sides[name](args.steps)
+            wall, cpu, round_losses, round_faults = sides[name](args.round_warmup, args.steps)
             times[name].append(wall)
             cpu_times[name].append(cpu)
             losses[name].extend(round_losses)
@@ -252,6 +264,8 @@ def measure(size: str, args) -> dict:
         "transformers_page_faults_per_step": statistics.median(faults["transformers"]),
         "processes": "one" if args.same_process else "one per side",
         "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
+        "keep_memory": args.keep_memory,
+        "round_warmup": args.round_warmup,
         "bertjax_first_loss": losses["bertjax"][0],
         "transformers_first_loss": losses["transformers"][0],
     }
@@ -265,6 +279,11 @@ def main(argv=None) -> None:
     parser.add_argument("--sizes", nargs="+", default=["tiny", "small"], choices=["tiny", "small", "base"])
     parser.add_argument("--rounds", type=int, default=5, help="alternating rounds; the median round is kept")
     parser.add_argument("--steps", type=int, default=2, help="steps per side per round")
+    parser.add_argument(
+        "--round-warmup", type=int, default=1,
+        help="untimed steps each side takes at the start of its round, so that its timed steps follow a step as in "
+        "training, not the other side's round (0: the figures before 2026-12-03 afternoon)",
+    )
     parser.add_argument("--threads", type=int, default=1, help="CPU threads for each side")
     parser.add_argument("--batch", type=int, default=0, help="override config.train.batch_size")
     parser.add_argument("--length", type=int, default=0, help="override config.data.max_seq_length")
@@ -273,8 +292,17 @@ def main(argv=None) -> None:
         "--same-process", action="store_true",
         help="run both sides in this process (the figures before 2026-12-03); by default each side has a worker process of its own",
     )
+    parser.add_argument(
+        "--keep-memory", default="bertjax", choices=["bertjax", "transformers", "both", "none"],
+        help="which sides run with glibc keeping freed memory (bertjax.host_memory.keep, what `bertjax` itself does; "
+        "default: bertjax only, each side as it ships). With --same-process, any choice but none applies to both",
+    )
     args = parser.parse_args(argv)
 
+    if args.same_process and args.keep_memory != "none":
+        from bertjax import host_memory
+
+        host_memory.keep()
     set_threads(args)
     import jax
     import torch
