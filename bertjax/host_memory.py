@@ -85,7 +85,7 @@ def release_if_tight(fraction: float = 1 / 3) -> bool:
     libc.malloc_trim(0)
     _kept = False
     log.warning(
-        "this process holds %.1f of the machine's %.1f GB after one step, so freed memory goes back to the system "
+        "this process holds %.1f of the machine's %.1f GiB after one step, so freed memory goes back to the system "
         "(slower steps on CPU, no growth; bertjax.host_memory)", resident / 2**30, total / 2**30,
     )
     return True
