@@ -8,6 +8,7 @@ import itertools
 import json
 import math
 
+import flax.traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -202,6 +203,29 @@ def test_cached_generation_equals_the_uncached_forward(bart, beams):
     uncached = uncached_search(model, variables, input_ids, attention_mask, beams, MAX_LENGTH)
     np.testing.assert_array_equal(cached, uncached)
     assert cached.shape[1] == MAX_LENGTH  # some sequence runs to max_length: the cache is used every step
+
+
+def test_the_cross_attention_cache_stays_out_of_the_search_state(bart):
+    """Beam search reorders its state's cache every step; the cross-attentions' keys and values are the
+    same for every beam of an example, so `generate` keeps them out of it (split_cache) and the step
+    must still see them."""
+    _, model, variables = bart
+    input_ids, attention_mask = source_batch(model.cfg.vocab_size)
+    encoder_hidden = model.apply(variables, input_ids, attention_mask, method=model.encode)
+    cache = model.init_cache(variables, encoder_hidden, 4)
+    changing, fixed = generate.split_cache(cache)
+    layers = model.cfg.num_decoder_layers
+    fixed_paths = sorted("/".join(path) for path in flax.traverse_util.flatten_dict(fixed))
+    assert fixed_paths == sorted(f"decoder/layer_{i}/cross_attention/{name}" for i in range(layers) for name in ("cached_key", "cached_value"))
+    changing_paths = ["/".join(path) for path in flax.traverse_util.flatten_dict(changing)]
+    assert "decoder/index" in changing_paths and len(changing_paths) == 1 + 2 * layers
+    assert not any("cross_attention" in path for path in changing_paths)
+    # one step with the split cache gives the full cache's logits and the same new self-attention cache
+    tokens = jnp.full((input_ids.shape[0], 1), model.cfg.decoder_start_token_id, jnp.int32)
+    whole_logits, whole_cache = generate.cached_step(model, variables["params"], attention_mask)(tokens, cache, 0)
+    split_logits, split_changing = generate.cached_step(model, variables["params"], attention_mask, fixed)(tokens, changing, 0)
+    np.testing.assert_array_equal(np.asarray(whole_logits), np.asarray(split_logits))
+    jax.tree.map(np.testing.assert_array_equal, generate.split_cache(whole_cache)[0], split_changing)
 
 
 @pytest.mark.parametrize("options", [dict(num_beams=1), dict(num_beams=4), dict(num_beams=4, length_penalty=2.0, early_stopping="never")])

@@ -38,6 +38,7 @@ import logging
 import pathlib
 from typing import Any, Callable, Iterable, Iterator
 
+import flax.traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -215,14 +216,39 @@ def repeat_rows(tree: Any, times: int) -> Any:
     return jax.tree.map(lambda leaf: leaf if leaf.ndim == 0 else jnp.repeat(leaf, times, axis=0), tree)
 
 
-def cached_step(model, params, attention_mask: jax.Array) -> StepFn:
-    """The seq2seq model's step: one token through the decoder over its KV cache (`Seq2Seq.decode`)."""
+def split_cache(cache: dict) -> tuple[dict, dict]:
+    """(the part a decode step changes, the cross-attentions' keys and values, which it only reads).
+
+    The cross-attention keys and values are the encoder's, projected once; every beam of an example holds
+    the same ones. Kept out of the search's loop state, beam search does not reorder them each step (a
+    gather of B x beams x source length x hidden per layer that changes nothing), and the loop does not
+    carry them.
+    """
+    flat = flax.traverse_util.flatten_dict(cache)
+    fixed = {path: leaf for path, leaf in flat.items() if "cross_attention" in path}
+    changing = {path: leaf for path, leaf in flat.items() if path not in fixed}
+    return flax.traverse_util.unflatten_dict(changing), flax.traverse_util.unflatten_dict(fixed)
+
+
+def _merge(changing: dict, fixed: dict) -> dict:
+    flat = flax.traverse_util.flatten_dict(changing)
+    flat.update(flax.traverse_util.flatten_dict(fixed))
+    return flax.traverse_util.unflatten_dict(flat)
+
+
+def cached_step(model, params, attention_mask: jax.Array, fixed_cache: dict | None = None) -> StepFn:
+    """The seq2seq model's step: one token through the decoder over its KV cache (`Seq2Seq.decode`).
+
+    With `fixed_cache` (`split_cache`'s second part) the step takes and returns only the changing part.
+    """
 
     def step(tokens, cache, position):
+        full = cache if fixed_cache is None else _merge(cache, fixed_cache)
         logits, mutated = model.apply(
-            {"params": params, "cache": cache}, tokens, None, attention_mask, decode=True, method=model.decode, mutable=["cache"]
+            {"params": params, "cache": full}, tokens, None, attention_mask, decode=True, method=model.decode, mutable=["cache"]
         )
-        return logits[:, -1], mutated["cache"]
+        cache = mutated["cache"] if fixed_cache is None else split_cache(mutated["cache"])[0]
+        return logits[:, -1], cache
 
     return step
 
@@ -232,13 +258,13 @@ def _generate(model, params, input_ids, attention_mask, *, num_beams, max_length
     cfg = model.cfg
     encoder_hidden = model.apply({"params": params}, input_ids, attention_mask, method=model.encode)
     encoder_hidden, attention_mask = repeat_rows((encoder_hidden, attention_mask), num_beams)
-    cache = model.init_cache({"params": params}, encoder_hidden, max_length - 1)  # the last token is never fed
+    cache, fixed_cache = split_cache(model.init_cache({"params": params}, encoder_hidden, max_length - 1))  # the last token is never fed
     starts = jnp.full((input_ids.shape[0],), cfg.decoder_start_token_id, jnp.int32)
     ids = {"max_length": max_length, "eos_id": cfg.eos_token_id, "pad_id": cfg.pad_token_id, "min_length": min_length}
     if num_beams == 1:
-        return greedy(cached_step(model, params, attention_mask), cache, starts, **ids)
+        return greedy(cached_step(model, params, attention_mask, fixed_cache), cache, starts, **ids)
     return beam_search(
-        cached_step(model, params, attention_mask), cache, starts, beams=num_beams, length_penalty=length_penalty, early_stopping=early_stopping, **ids
+        cached_step(model, params, attention_mask, fixed_cache), cache, starts, beams=num_beams, length_penalty=length_penalty, early_stopping=early_stopping, **ids
     )
 
 
