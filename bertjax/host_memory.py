@@ -59,9 +59,13 @@ def keep() -> bool:
     libc = _libc()
     if libc is None or os.environ.get(ENV, "1").strip().lower() in ("0", "false", "no", "off"):
         return False
-    # -1 as M_TRIM_THRESHOLD is SIZE_MAX to glibc: the heap's top is never given back.
-    _kept = all(libc.mallopt(option, value) == 1 for option, value in ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, -1)))
-    return _kept
+    # -1 as M_TRIM_THRESHOLD is SIZE_MAX to glibc: the heap's top is never given back. Each setting is
+    # tried (a list, not all()'s short circuit), so what glibc accepts is applied whatever it refuses.
+    accepted = [libc.mallopt(option, value) == 1 for option, value in ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, -1))]
+    if not all(accepted):
+        log.warning("glibc refused %d of the 3 malloc settings that keep freed memory (bertjax.host_memory)", accepted.count(False))
+    _kept = any(accepted)  # release_if_tight must undo what was applied
+    return all(accepted)
 
 
 def _resident_and_total_bytes() -> tuple[int, int]:
