@@ -24,6 +24,13 @@ import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import sys
+
+from bertjax import host_memory
+
+if "--no-keep-memory" not in sys.argv:
+    host_memory.keep()  # before numpy, JAX or torch start threads, as bertjax.cli.main does
+
 import jax
 import numpy as np
 from flax import linen as nn
@@ -45,6 +52,11 @@ def parse_args():
     parser.add_argument("--size", default="mini")
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument(
+        "--no-keep-memory", action="store_true",
+        help="let glibc unmap XLA's freed temporaries between steps (by default both sides (they share this process) run with "
+        "bertjax.host_memory.keep(), as the bertjax command does)",
+    )
     parser.add_argument("--steps", type=int, default=20, help="timed steps per round")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps before each round")
     parser.add_argument("--rounds", type=int, default=3)

@@ -21,6 +21,11 @@ import subprocess
 import sys
 import time
 
+from bertjax import host_memory
+
+if "--no-keep-memory" not in sys.argv:
+    host_memory.keep()  # before numpy, JAX or torch start threads, as bertjax.cli.main does
+
 import jax
 import numpy as np
 
@@ -116,6 +121,11 @@ def main(argv=None):
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--predictions", type=int, default=20, help="masked positions per sequence (BERT: 20 at 128)")
+    parser.add_argument(
+        "--no-keep-memory", action="store_true",
+        help="let glibc unmap XLA's freed temporaries between steps (by default bertjax's side (the peer runs in a process of its own, as it ships) run with "
+        "bertjax.host_memory.keep(), as the bertjax command does)",
+    )
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--dtype", default="float32", choices=config_lib.DTYPES)
