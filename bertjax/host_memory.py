@@ -16,8 +16,8 @@ The price is memory. The heap keeps its peak, and a freed temporary buffer that 
 lands in cannot take the next step's buffer, so the heap grows by a few temporaries' worth in the first
 steps and then settles (tiny seq2seq pretraining, 200 steps with evaluations and checkpoints: peak
 resident memory 3.7 GB against 1.7 GB, wall time 3:24 against 4:41). So the trainers call
-`release_if_tight()` after their first step: if the process already holds more than a third of the
-machine's memory, glibc goes back to its defaults and the freed memory back to the system.
+`release_if_tight()` after their first step and again whenever they log: once the process holds more than
+a third of the machine's memory, glibc goes back to its defaults and the freed memory back to the system.
 
 `keep()` must run before the threads that allocate exist (a thread keeps the arena it was first given),
 so `bertjax.cli.main` calls it before JAX is imported. `BERTJAX_KEEP_HOST_MEMORY=0` turns it off. Outside
@@ -89,7 +89,7 @@ def release_if_tight(fraction: float = 1 / 3) -> bool:
     libc.malloc_trim(0)
     _kept = False
     log.warning(
-        "this process holds %.1f of the machine's %.1f GiB after one step, so freed memory goes back to the system "
+        "this process holds %.1f of the machine's %.1f GiB, so freed memory goes back to the system from now on "
         "(slower steps on CPU, no growth; bertjax.host_memory)", resident / 2**30, total / 2**30,
     )
     return True

@@ -173,3 +173,37 @@ def test_gradient_accumulation_and_bfloat16(shared_data):
     assert {leaf.dtype for leaf in jax.tree.leaves(low.params)} == {np.dtype("float32")}
     assert {leaf.dtype for leaf in jax.tree.leaves(low.opt_state) if np.ndim(leaf)} == {np.dtype("float32")}
     np.testing.assert_allclose(low_losses, whole_losses, rtol=2e-2)
+
+
+def test_kept_host_memory_is_released_once_the_heap_outgrows_the_guard(shared_data, tmp_path, monkeypatch):
+    """host_memory.release_if_tight runs after step 1 and at every log step, so a heap that grows past a
+    third of the machine later in a run (evaluations, a bigger batch of temporaries) still gives glibc
+    its defaults back. A fake C library and memory reading: nothing in this process changes."""
+    from bertjax import host_memory
+
+    readings, libc_calls = [], []
+
+    class FakeLibc:
+        def mallopt(self, option, value):
+            libc_calls.append(("mallopt", option, value))
+            return 1
+
+        def malloc_trim(self, pad):
+            libc_calls.append(("malloc_trim", pad))
+            return 1
+
+    def resident_and_total():
+        readings.append(len(readings))
+        return (2 if len(readings) >= 3 else 1) * 2**30, 3 * 2**30  # 2 GiB of 3 from the third reading
+
+    monkeypatch.setattr(host_memory, "_kept", True)
+    monkeypatch.setattr(host_memory, "_libc", FakeLibc)
+    monkeypatch.setattr(host_memory, "_resident_and_total_bytes", resident_and_total)
+    pretrain.train_and_evaluate(tiny_config(shared_data, total_steps=4), tmp_path)
+    # step 1 (after its step, then at its log), step 2's log: released there, and not read again
+    assert len(readings) == 3 and not host_memory._kept
+    assert libc_calls == [
+        ("mallopt", host_memory.M_MMAP_MAX, host_memory.DEFAULT_MMAP_MAX),
+        ("mallopt", host_memory.M_TRIM_THRESHOLD, host_memory.DEFAULT_TRIM_THRESHOLD),
+        ("malloc_trim", 0),
+    ]

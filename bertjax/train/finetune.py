@@ -551,6 +551,7 @@ def _train_seed(
                 raise FloatingPointError(f"seed {seed}: the training loss is {loss} at step {step}")
             writer.write(step, {"loss": loss, "learning_rate": float(schedule(step))})
             bar.set_postfix(loss=f"{loss:.4f}")
+            host_memory.release_if_tight()  # again as the heap settles (host_memory)
         if step % config.train.eval_every == 0 or step == total_steps:
             dev_predictions = predictions(state.params, dev)
             dev_metrics = score(config, dev_predictions, dev.records)

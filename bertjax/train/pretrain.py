@@ -458,6 +458,7 @@ def _train(config, workdir: pathlib.Path) -> dict:
             if record:
                 writer.write(step, record)
                 last.update(record)
+            host_memory.release_if_tight()  # the heap settles in the first steps and evaluations; if it grows too far, stop keeping
             if save_due or eval_due:
                 throughput.restart()
                 steps_timed = 0
