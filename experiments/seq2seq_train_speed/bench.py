@@ -34,6 +34,7 @@ Prints one JSON line per size and a table; the ratio is bertjax steps/s over HF 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -156,10 +157,13 @@ def make_step(side: str, config, batch):
     return (bertjax_step if side == "bertjax" else transformers_step)(config, batch)
 
 
-def timed(step, steps: int) -> tuple[float, float, list[float], float]:
-    """(wall s per step, this process's CPU s per step, losses, page faults per step) of `steps` steps."""
+def timed(step, steps: int, warmup: int = 0) -> tuple[float, float, list[float], float]:
+    """(wall s per step, this process's CPU s per step, losses, page faults per step) of `steps` steps,
+    after `warmup` untimed ones."""
     import resource
 
+    for _ in range(warmup):
+        step()
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     start, cpu_start = time.perf_counter(), time.process_time()
     losses = [step() for _ in range(steps)]
@@ -183,10 +187,8 @@ def worker(side: str, size: str, args, connection) -> None:
     step, compile_s = make_step(side, config, batch_arrays(config, np.random.default_rng(0)))
     connection.send(compile_s)
     while (request := connection.recv()) is not None:
-        warmup, steps = request
-        for _ in range(warmup):
-            step()
-        connection.send(timed(step, steps))
+        steps, warmup = request
+        connection.send(timed(step, steps, warmup))
 
 
 def set_threads(args) -> None:
@@ -209,8 +211,8 @@ class _Remote:
         self.process.start()
         self.compile_s = self.connection.recv()
 
-    def __call__(self, warmup: int, steps: int):
-        self.connection.send((warmup, steps))
+    def __call__(self, steps: int, warmup: int):
+        self.connection.send((steps, warmup))
         return self.connection.recv()
 
     def close(self) -> None:
@@ -225,7 +227,7 @@ def measure(size: str, args) -> dict:
         batch = batch_arrays(config, np.random.default_rng(0))
         for side in ("bertjax", "transformers"):
             step, compile_s[side] = make_step(side, config, batch)
-            sides[side] = lambda warmup, steps, step=step: ([step() for _ in range(warmup)], timed(step, steps))[1]
+            sides[side] = functools.partial(timed, step)
     else:
         for side in ("bertjax", "transformers"):
             sides[side] = _Remote(side, size, args)
@@ -238,7 +240,7 @@ def measure(size: str, args) -> dict:
     for round_index in range(args.rounds):
         order = list(sides) if round_index % 2 == 0 else list(sides)[::-1]
         for name in order:
-            wall, cpu, round_losses, round_faults = sides[name](args.round_warmup, args.steps)
+            wall, cpu, round_losses, round_faults = sides[name](args.steps, args.round_warmup)
             times[name].append(wall)
             cpu_times[name].append(cpu)
             losses[name].extend(round_losses)
