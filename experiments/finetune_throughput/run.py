@@ -54,7 +54,7 @@ def parse_args():
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument(
         "--no-keep-memory", action="store_true",
-        help="let glibc unmap XLA's freed temporaries between steps (by default both sides (they share this process) run with "
+        help="let glibc unmap XLA's freed temporaries between steps (by default both sides, which share this process, run with "
         "bertjax.host_memory.keep(), as the bertjax command does)",
     )
     parser.add_argument("--steps", type=int, default=20, help="timed steps per round")

@@ -123,8 +123,8 @@ def main(argv=None):
     parser.add_argument("--predictions", type=int, default=20, help="masked positions per sequence (BERT: 20 at 128)")
     parser.add_argument(
         "--no-keep-memory", action="store_true",
-        help="let glibc unmap XLA's freed temporaries between steps (by default bertjax's side (the peer runs in a process of its own, as it ships) run with "
-        "bertjax.host_memory.keep(), as the bertjax command does)",
+        help="let glibc unmap XLA's freed temporaries between steps (by default bertjax's side runs with bertjax.host_memory.keep(), "
+        "as the bertjax command does; the peer runs in a process of its own, as it ships)",
     )
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
