@@ -209,3 +209,28 @@ def test_wordpiece_vocab_tokenizes_as_transformers(tmp_path):
     for key in ("input_ids", "token_type_ids", "attention_mask"):
         np.testing.assert_array_equal(got[key], expected[key])
     assert ours.word_start[ours.encode("harpooner")].tolist() == [True, False, False]
+
+
+def test_a_corpus_directory_holding_the_temporary_directory_is_read_once(tmp_path, monkeypatch):
+    """`--config.data.corpus=/tmp`: the tokenizer writes its input to a scratch file before training;
+    where that file lies inside the corpus directory (the system's temporary directory), reading the
+    corpus must not pick it up and grow it from itself."""
+    from bertjax.data import corpus
+
+    text = tmp_path / "corpus" / "text.txt"
+    text.parent.mkdir()
+    rng = np.random.default_rng(0)
+    text.write_text("\n\n".join(" ".join(f"{' '.join(rng.choice(WORDS, 8))} {i}." for i in range(j, j + 5)) for j in range(0, 3000, 5)) + "\n")
+    monkeypatch.setattr("tempfile.tempdir", str(text.parent))  # the system's temporary directory is in the corpus
+    source = corpus.Corpus(str(text.parent))
+    expected = sum(1 for _ in source.sentences())
+    assert expected >= 600 and text.stat().st_size > 100_000  # more than a write buffer: the scratch file has text on disk while the corpus is read
+
+    def sentences():
+        for count, sentence in enumerate(source.sentences(), start=1):
+            assert count <= expected, "the corpus read the tokenizer's own input file back"
+            yield sentence
+
+    path = tokenizer_lib.train_from_sentences(sentences(), 400, tmp_path / "tokenizer")
+    assert tokenizer_lib.load(path).vocab_size == 400
+    assert sorted(p.name for p in (tmp_path / "tokenizer").iterdir()) == ["tokenizer.model", "tokenizer.vocab"]  # no scratch left

@@ -324,7 +324,10 @@ def train_from_sentences(
     out_dir.mkdir(parents=True, exist_ok=True)
     # Write the text to a file first: it lets us count it and its characters, fail clearly on empty
     # input, and hand the trainer a plain file (sentencepiece's iterator interface stalls on long generators).
-    with tempfile.TemporaryDirectory() as scratch:
+    # The file goes in a hidden folder of out_dir, not the system's temporary directory: a corpus that is a
+    # directory skips hidden entries, so the file cannot be read back as its own input (a corpus of /tmp
+    # otherwise grew the file from itself without end).
+    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".input-") as scratch:
         text_file = pathlib.Path(scratch) / "input.txt"
         count, cjk, other_chars = _write_text(sentences, text_file, description)
         if count == 0:
